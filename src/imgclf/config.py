@@ -1,0 +1,258 @@
+"""The configuration: a typed schema for params.yaml, and its composition from conf/ with Hydra.
+
+Stages read params.yaml only (one truth at run time) and validate it here before any work,
+so a bad key or value stops a stage with exit code 2 and a line that names the key.
+"""
+
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imgclf.errors import ConfigError
+from imgclf.fileio import write_text
+
+PARAMS_FILE = "params.yaml"
+CONF_DIR = "conf"
+OVERRIDES_MARK = "# overrides: "
+PARAMS_HEADER = "# Composed from conf/ by `imgclf params`: edit conf/ or pass overrides, not this file.\n"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(Section):
+    name: Literal["digits"]
+    mirrors: list[str] = []
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
+    test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
+
+
+class MLPConfig(Section):
+    name: Literal["mlp"]
+    hidden: list[PositiveInt]
+    activation: Literal["relu", "sigmoid", "tanh"] = "relu"
+    dropout: Fraction = 0.0
+
+
+class CNNConfig(Section):
+    name: Literal["cnn"]
+    channels: Annotated[list[PositiveInt], Field(min_length=1)]
+    hidden: PositiveInt = 128
+    dropout: Fraction = 0.0
+
+
+ModelConfig = Annotated[MLPConfig | CNNConfig, Field(discriminator="name")]
+
+
+class TrainerConfig(Section):
+    name: Literal["cpu", "auto", "ddp"]
+    accelerator: Literal["cpu", "gpu", "mps", "auto"]
+    devices: PositiveInt | Literal["auto"]
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    deterministic: bool = True
+
+
+class TrainConfig(Section):
+    max_epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: Fraction = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    early_stopping_patience: PositiveInt = 10
+
+
+class EvaluateConfig(Section):
+    latency_runs: PositiveInt = 300
+    throughput_batch: PositiveInt = 256
+
+
+class TrackingConfig(Section):
+    uri: str | None = None
+    experiment: Annotated[str, Field(min_length=1)] = "imgclf"
+
+
+class RegistryConfig(Section):
+    model_name: Annotated[str, Field(min_length=1)] = "imgclf"
+
+
+class Config(Section):
+    seed: Annotated[int, Field(ge=0)]
+    data: DataConfig
+    model: ModelConfig
+    trainer: TrainerConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+def validate(raw: Any) -> Config:
+    """Validate a plain dict against the schema; raise ConfigError naming the first bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the configuration must be a mapping, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Config:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: run `imgclf params` to compose it") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}".replace("\n", " ")) from None
+    return validate(raw)
+
+
+def compose(overrides: list[str] = (), conf_dir: str | os.PathLike = CONF_DIR) -> dict:
+    """Compose conf/ with Hydra overrides into a plain dict, as `dvc exp run -S` does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    conf_dir = Path(conf_dir).resolve()
+    if not (conf_dir / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {conf_dir}")
+    try:
+        with initialize_config_dir(str(conf_dir), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        message = " ".join(str(error).split("Config search path")[0].split())
+        raise ConfigError(f"cannot compose {list(overrides)}: {message}") from None
+
+
+def render_params(params: dict, overrides: list[str]) -> str:
+    """params.yaml text: a header recording the overrides, then the composition."""
+    header = PARAMS_HEADER + OVERRIDES_MARK + json.dumps(list(overrides)) + "\n"
+    return header + yaml.safe_dump(params, sort_keys=False, default_flow_style=None)
+
+
+def recorded_overrides(params_path: str | os.PathLike = PARAMS_FILE) -> list[str]:
+    """The overrides `imgclf params` recorded in params.yaml's header (none if absent)."""
+    for line in Path(params_path).read_text(encoding="utf-8").splitlines():
+        if line.startswith(OVERRIDES_MARK):
+            return json.loads(line[len(OVERRIDES_MARK) :])
+        if not line.startswith("#"):
+            break
+    return []
+
+
+def write_params(
+    overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR, path: str | os.PathLike = PARAMS_FILE
+) -> Config:
+    """Compose, validate, then write params.yaml; nothing is written if any step fails."""
+    params = compose(overrides, conf_dir)
+    config = validate(params)
+    write_text(path, render_params(params, overrides))
+    return config
+
+
+def params_drift(conf_dir: str | os.PathLike = CONF_DIR, path: str | os.PathLike = PARAMS_FILE) -> list[str]:
+    """Keys whose value in params.yaml differs from conf/ composed with the recorded overrides."""
+    path = Path(path)
+    if not path.is_file():
+        return [f"{path} is missing"]
+    expected = _flatten(compose(recorded_overrides(path), conf_dir))
+    actual = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    return [
+        f"{key}: params.yaml has {actual.get(key, '<missing>')!r}, conf/ gives {expected.get(key, '<missing>')!r}"
+        for key in sorted(expected.keys() | actual.keys())
+        if expected.get(key, "<missing>") != actual.get(key, "<missing>")
+    ]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): tree}
+
+
+def flatten(config: Config | dict) -> dict[str, Any]:
+    """The config as dotted keys; lists expand to one key per item (`model.hidden.0`)."""
+    tree = config.model_dump() if isinstance(config, BaseModel) else config
+
+    def walk(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, list) and node:
+            items = enumerate(node)
+        else:
+            return {prefix: node}
+        flat: dict[str, Any] = {}
+        for key, value in items:
+            flat.update(walk(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+
+    return walk(tree, "")
+
+
+def _describe(error: ValidationError) -> str:
+    """One line for the first schema error: the dotted key, the bad value, what is allowed."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    section, parent, path = Config, None, []
+    for part in loc:
+        before = section
+        section, skipped = _descend(section, part)
+        # Inside a plain union (`int | Literal["auto"]`) pydantic adds one loc part per member.
+        skipped = skipped or (before is not None and not _is_section(before) and not part.isdigit()
+                              and not _union_members(before))
+        if not skipped:
+            path.append(part)
+            parent = before
+    key = ".".join(path)
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(parent.model_fields) if _is_section(parent) else "none"
+        return f"unknown key '{key}'; allowed here: {allowed}{more}"
+    if first["type"] == "missing":
+        return f"missing key '{key}'{more}"
+    return f"{key}={first.get('input')!r}: {first['msg']}{more}"
+
+
+def _is_section(node: Any) -> bool:
+    return isinstance(node, type) and issubclass(node, BaseModel)
+
+
+def _descend(section: Any, part: str) -> tuple[Any, bool]:
+    """Step from a schema node into `part`; report whether `part` was a union tag, not a key."""
+    if _is_section(section):
+        field = section.model_fields.get(part)
+        return (field.annotation if field else None), False
+    for member in _union_members(section):
+        if member.model_fields["name"].annotation == Literal[part]:
+            return member, True
+    return None, False
+
+
+def _union_members(annotation: Any) -> list[type[BaseModel]]:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Annotated:
+        return _union_members(args[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return []

@@ -1,0 +1,1 @@
+"""Data: where it comes from (sources), how it lands on disk (download, normalize), how it is batched."""

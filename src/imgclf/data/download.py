@@ -1,0 +1,40 @@
+"""The download stage: materialise a source into data/raw/<name>/ with a SHA-256 manifest."""
+
+import hashlib
+from pathlib import Path
+
+from imgclf.config import DataConfig
+from imgclf.data.sources import get_source
+from imgclf.fileio import atomic_dir
+
+MANIFEST = "SHA256SUMS"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict[str, str]:
+    """Write `sha256sum`-compatible SHA256SUMS for every file in `folder`; return the hashes."""
+    hashes = {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    lines = "".join(f"{digest}  {name}\n" for name, digest in hashes.items())
+    (folder / MANIFEST).write_text(lines, encoding="utf-8")
+    return hashes
+
+
+def download(config: DataConfig, raw_root: Path) -> Path:
+    """Fetch `config.name` into raw_root/<name>/, replacing it only once complete and hashed."""
+    source = get_source(config.name)
+    target = raw_root / config.name
+    with atomic_dir(target) as tmp:
+        source.fetch(config, tmp)
+        write_manifest(tmp)
+    return target

@@ -1,0 +1,28 @@
+"""Errors a user can cause, and the one place that turns them into a line and an exit code."""
+
+import sys
+from collections.abc import Callable
+
+
+class ImgclfError(Exception):
+    """A problem the user can fix (bad input, missing file); reported without a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(ImgclfError):
+    """A bad key or value in the configuration; raised before any work is done."""
+
+    exit_code = 2
+
+
+def run_or_exit(main: Callable[[], object]) -> None:
+    """Run a command's body; report an ImgclfError in one line and exit with its code."""
+    try:
+        main()
+    except ImgclfError as error:
+        print(f"imgclf: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        print("imgclf: interrupted", file=sys.stderr)
+        sys.exit(130)

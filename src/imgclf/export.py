@@ -1,0 +1,219 @@
+"""The export stage: checkpoint -> ONNX, checked in full and gated on parity with PyTorch.
+
+The graph takes raw pixels (`image`, uint8, (N, C, H, W), N dynamic) and returns softmax
+`probabilities` (float32, (N, classes)); the normalisation is inside it. Only values that follow
+from the training (classes, input spec, normalisation) go into the file, so identical training
+gives an identical file; run-specific values (run id, commit, time) go into the sidecar JSON.
+"""
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from imgclf import tracking
+from imgclf.config import Config
+from imgclf.data.normalize import load_split
+from imgclf.errors import ImgclfError
+from imgclf.fileio import atomic_path, write_json
+from imgclf.models import load_checkpoint
+
+OPSET = 17  # pinned: a new exporter default must not silently change the served graph
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+PARITY_ATOL = 1e-4
+EXAMPLE_BATCH = 2  # a batch of 1 would let the exporter specialise the batch dimension to 1
+
+
+class ParityError(ImgclfError):
+    """ONNX Runtime disagrees with PyTorch beyond tolerance."""
+
+
+class Probabilities(nn.Module):
+    """The served function: uint8 pixels -> class probabilities."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(image), dim=1)
+
+
+def load_network(checkpoint: Path) -> tuple[Probabilities, dict]:
+    card, net = load_checkpoint(checkpoint)
+    return Probabilities(net).eval(), card
+
+
+def to_onnx(model: Probabilities, example: torch.Tensor, card: dict) -> onnx.ModelProto:
+    """Export with the TorchScript exporter at a pinned opset; strip what would vary between runs.
+
+    The TorchScript exporter (`dynamo=False`) is pinned because it exports these networks in
+    0.1 s where the dynamo exporter takes 5 s, with the same graph semantics and parity.
+    """
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation notice, not actionable
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    _strip_debug_info(proto)
+    del proto.metadata_props[:]
+    for key, value in model_metadata(card).items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "imgclf"
+    return proto
+
+
+def model_metadata(card: dict) -> dict[str, str]:
+    """What a server needs to use the file alone: classes, input spec, normalisation."""
+    return {
+        "imgclf.classes": json.dumps(card["classes"]),
+        "imgclf.input": json.dumps(input_spec(card)),
+        "imgclf.normalization": json.dumps(card["stats"]),
+    }
+
+
+def input_spec(card: dict) -> dict:
+    channels, height, width = card["input_shape"]
+    return {
+        "name": INPUT_NAME,
+        "dtype": "uint8",
+        "shape": ["batch", channels, height, width],
+        "mode": "L" if channels == 1 else "RGB",
+        "layout": "NCHW",
+    }
+
+
+def _strip_debug_info(proto: onnx.ModelProto) -> None:
+    """Drop per-node stack traces and doc strings: they embed source paths of this checkout."""
+
+    def strip_graph(graph: onnx.GraphProto) -> None:
+        graph.doc_string = ""
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    strip_graph(attribute.g)
+        for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            del value.metadata_props[:]
+        del graph.metadata_props[:]
+
+    proto.doc_string = ""
+    strip_graph(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+
+
+def session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def check_parity(model: Probabilities, proto: onnx.ModelProto, images: np.ndarray, batch: int = 256) -> dict:
+    """Max |Δprobability| and argmax agreement of ONNX Runtime against PyTorch on `images`."""
+    runtime = session(proto.SerializeToString())
+    max_diff, mismatches = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            chunk = np.ascontiguousarray(images[start : start + batch])
+            expected = model(torch.from_numpy(chunk)).numpy()
+            actual = runtime.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0]
+            max_diff = max(max_diff, float(np.abs(expected - actual).max()))
+            mismatches += int((expected.argmax(1) != actual.argmax(1)).sum())
+    return {"parity_max_abs_diff": max_diff, "parity_argmax_mismatches": mismatches, "parity_n": len(images)}
+
+
+def export(
+    config: Config, checkpoint: Path, data_dir: Path, onnx_out: Path, sidecar_out: Path
+) -> dict:
+    """Write models/model.onnx and models/model.json, or fail without touching them."""
+    model, card = load_network(checkpoint)
+    test_images, _ = load_split(data_dir, "test")
+    proto = to_onnx(model, torch.from_numpy(np.ascontiguousarray(test_images[:EXAMPLE_BATCH])), card)
+    onnx.checker.check_model(proto, full_check=True)
+    parity = check_parity(model, proto, test_images)
+    if parity["parity_max_abs_diff"] > PARITY_ATOL or parity["parity_argmax_mismatches"]:
+        raise ParityError(
+            f"ONNX Runtime disagrees with PyTorch on the test split: max |Δp| "
+            f"{parity['parity_max_abs_diff']:.2e} (limit {PARITY_ATOL:.0e}), "
+            f"{parity['parity_argmax_mismatches']} argmax mismatches"
+        )
+    model_bytes = proto.SerializeToString()
+    run_id = _pipeline_run(config, card, data_dir)
+    sidecar = {
+        "name": config.registry.model_name,
+        "classes": card["classes"],
+        "input": input_spec(card),
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(card["classes"])]},
+        "normalization": card["stats"],
+        "model": card["model"],
+        "export": {"opset": OPSET, "exporter": "torch.onnx (torchscript)", "torch": torch.__version__, **parity},
+        "lineage": {
+            "mlflow_run_id": run_id,
+            "tracking_uri": tracking.tracking_uri(config),
+            "onnx_sha256": _sha256(model_bytes),
+            **tracking.lineage(config, data_dir, Path("data/raw") / config.data.name),
+        },
+    }
+    with atomic_path(onnx_out) as tmp:
+        tmp.write_bytes(model_bytes)
+        write_json(sidecar_out, sidecar)
+    _log_model(config, run_id, proto, test_images[:EXAMPLE_BATCH], parity, sidecar_out)
+    return sidecar
+
+
+def _pipeline_run(config: Config, card: dict, data_dir: Path) -> str:
+    """The train stage's run; a fresh one if the store lost it (e.g. outputs restored by DVC)."""
+    run_id = card.get("mlflow_run_id")
+    if run_id and tracking.existing_run(config, run_id):
+        return run_id
+    raw_dir = Path("data/raw") / config.data.name
+    return tracking.start_run(config, tracking.lineage(config, data_dir, raw_dir))
+
+
+def _log_model(config, run_id, proto, example, parity, sidecar_path: Path) -> None:
+    import mlflow
+    import mlflow.onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    tracking.client(config)
+    probabilities = session(proto.SerializeToString()).run([OUTPUT_NAME], {INPUT_NAME: example})[0]
+    signature = infer_signature(example, probabilities)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.onnx.log_model(
+            proto,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+            save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],
+        )
+        mlflow.log_metrics(parity)
+        mlflow.log_artifact(str(sidecar_path))
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

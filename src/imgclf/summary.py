@@ -1,0 +1,32 @@
+"""What `make run` prints at the end: the test accuracy, where the model is, how to look closer."""
+
+from pathlib import Path
+
+from imgclf.errors import ImgclfError, run_or_exit
+from imgclf.fileio import read_json
+
+
+def summary(root: Path = Path()) -> str:
+    try:
+        metrics = read_json(root / "metrics/eval.json")
+        card = read_json(root / "models/model.json")
+    except FileNotFoundError as missing:
+        raise ImgclfError(f"{missing.filename} is missing: run `dvc repro` first") from None
+    lineage = card["lineage"]
+    return "\n".join(
+        [
+            "",
+            f"imgclf: {card['name']} ({card['model']['name']}) on {lineage['data.name']}",
+            f"  test accuracy   {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}"
+            f"   ({metrics['n_test']} test images, ONNX Runtime)",
+            f"  latency (b=1)   p50 {metrics['latency_ms_p50_b1']} ms, p99 {metrics['latency_ms_p99_b1']} ms",
+            f"  ONNX model      {(root / 'models/model.onnx').resolve()}",
+            f"  MLflow run      {lineage['mlflow_run_id']}  ({lineage['tracking_uri']})",
+            "  browse runs     make ui   ->  http://127.0.0.1:5000",
+            "  metrics, plots  dvc metrics show; dvc plots show",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    run_or_exit(lambda: print(summary()))

@@ -1,0 +1,130 @@
+"""MLflow tracking: one run per pipeline execution, opened by train, continued by export and evaluate.
+
+The store defaults to sqlite:///<repo root>/mlflow.db. Inside DVC, the repo root is DVC_ROOT,
+which DVC points at the main workspace even for queued and temporary experiments, so every
+experiment lands in the same store.
+"""
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from imgclf.config import Config, flatten
+
+MLFLOW_DB = "mlflow.db"
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """DVC_ROOT when DVC runs us; else the nearest folder above `start` with a .dvc/ or .git/."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return folder
+    return start
+
+
+def tracking_uri(config: Config) -> str:
+    """MLFLOW_TRACKING_URI, else tracking.uri, else the repo's sqlite store (absolute path)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if config.tracking.uri:
+        return config.tracking.uri
+    return f"sqlite:///{repo_root() / MLFLOW_DB}"
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """The commit and whether the work tree differs from it; 'unknown' outside a git repo."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git.commit": commit or "unknown",
+        "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
+    }
+
+
+def folder_hash(folder: Path) -> str:
+    """SHA-256 over the relative paths and contents of every file in `folder`, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def lineage(config: Config, data_dir: Path, raw_dir: Path) -> dict[str, str]:
+    """What a model can be traced back to: code (git), data (hashes) and the DVC experiment."""
+    tags = git_state(repo_root())
+    tags["data.name"] = config.data.name
+    tags["data.raw_sha256"] = folder_hash(raw_dir) if raw_dir.is_dir() else "unknown"
+    tags["data.normalized_sha256"] = folder_hash(data_dir)
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def client(config: Config):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(config: Config, tags: dict[str, str]) -> str:
+    """Create the pipeline's run with the whole flattened config as params; return its id."""
+    from mlflow.entities import Param
+
+    mlflow_client = client(config)
+    experiment = mlflow_client.get_experiment_by_name(config.tracking.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else mlflow_client.create_experiment(config.tracking.experiment)
+    )
+    run = mlflow_client.create_run(experiment_id, tags=tags, run_name=tags.get("dvc.exp_name"))
+    params = [Param(key, str(value)) for key, value in flatten(config).items()]
+    for start in range(0, len(params), 100):  # MLflow's per-request limit on params
+        mlflow_client.log_batch(run.info.run_id, params=params[start : start + 100])
+    return run.info.run_id
+
+
+def existing_run(config: Config, run_id: str) -> str | None:
+    """`run_id` if the store still has it (a restored DVC cache may point at a deleted run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(config).get_run(run_id)
+    except MlflowException:
+        return None
+    return run_id
+
+
+def log_metrics(config: Config, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    client(config).log_batch(run_id, metrics=batch)
+
+
+def log_artifacts(config: Config, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    mlflow_client = client(config)
+    for path in paths:
+        if path.exists():
+            mlflow_client.log_artifact(run_id, str(path), artifact_path)

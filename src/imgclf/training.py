@@ -1,0 +1,231 @@
+"""The train stage: a LightningModule on uint8 batches, trained with Lightning, tracked in MLflow."""
+
+import csv
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+from torch import nn
+from torch.nn import functional as F
+
+from imgclf import tracking
+from imgclf.config import Config, TrainConfig
+from imgclf.data.datamodule import ImageDataModule
+from imgclf.data.normalize import load_metadata
+from imgclf.fileio import atomic_path, write_json
+from imgclf.models import build_from_card
+
+CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+RUN_ID_ENV = "IMGCLF_MLFLOW_RUN_ID"  # hands the run to DDP worker processes
+
+
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy training of a network that eats raw uint8 pixels.
+
+    Loss and accuracy are summed in tensors on the device and logged once per epoch:
+    a `self.log` per step costs more than the step itself on small images.
+    """
+
+    def __init__(self, net: nn.Module, train_config: TrainConfig, card: dict | None = None):
+        super().__init__()
+        self.net = net
+        self.train_config = train_config
+        self.card = card or {}  # what export needs to rebuild the network, saved in the checkpoint
+        self.sums = {"train": torch.zeros(3), "val": torch.zeros(3)}  # loss * n, correct, n
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        with torch.no_grad():
+            n = labels.new_tensor(len(labels), dtype=torch.float32)
+            correct = (logits.argmax(dim=1) == labels).sum().float()
+            self.sums[split] += torch.stack([loss.detach() * n, correct, n])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def on_fit_start(self) -> None:
+        self.sums = {split: torch.zeros(3, device=self.device) for split in self.sums}
+
+    def _log_epoch(self, split: str) -> None:
+        loss_sum, correct, n = self.sums[split].tolist()
+        self.sums[split].zero_()
+        if n:
+            self.log(f"{split}_loss", loss_sum / n, prog_bar=True, sync_dist=True)
+            self.log(f"{split}_acc", correct / n, prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # The epoch's training batches are done when validation ends: log both splits here so
+        # early stopping, checkpointing and the curves all see one epoch's numbers.
+        if self.trainer.sanity_checking:
+            self.sums["val"].zero_()
+            return
+        self._log_epoch("train")
+        self._log_epoch("val")
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        cfg = self.train_config
+        if cfg.optimizer == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        if cfg.scheduler == "none":
+            return optimizer
+        if cfg.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.max_epochs)
+        else:
+            step = max(1, cfg.max_epochs // 3)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["imgclf"] = self.card
+
+
+class EpochCurves(Callback):
+    """Keeps one row per finished epoch for plots/train_curves.csv."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch + 1}
+        for field in CURVE_FIELDS[1:]:
+            if field in metrics:
+                row[field] = round(float(metrics[field]), 6)
+        self.rows.append(row)
+
+
+def network_card(config: Config, data_dir: Path, input_shape: tuple[int, ...]) -> dict:
+    classes, stats = load_metadata(data_dir)
+    return {
+        "model": config.model.model_dump(),
+        "input_shape": list(input_shape),
+        "classes": classes,
+        "stats": stats,
+    }
+
+
+def write_curves(rows: list[dict[str, float]], csv_path: Path, png_path: Path | None) -> None:
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    if png_path is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [row["epoch"] for row in rows]
+    for split in ("train", "val"):
+        left.plot(epochs, [row.get(f"{split}_loss") for row in rows], label=split)
+        right.plot(epochs, [row.get(f"{split}_acc") for row in rows], label=split)
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    right.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def train(
+    config: Config,
+    data_dir: Path,
+    raw_dir: Path,
+    checkpoint_out: Path,
+    metrics_out: Path,
+    curves_out: Path,
+    curves_png: Path | None = None,
+) -> dict[str, float]:
+    """Train the configured model on data/normalized/ and write the best checkpoint and metrics."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = ImageDataModule(data_dir, config.train.batch_size, config.seed)
+    datamodule.setup("fit")
+    input_shape = tuple(datamodule.splits["train"][0].shape[1:])
+    card = network_card(config, data_dir, input_shape)
+    module = ImageClassifier(build_from_card(card), config.train, card)
+
+    run_id = os.environ.get(RUN_ID_ENV)
+    if run_id is None:
+        run_id = tracking.start_run(config, tracking.lineage(config, data_dir, raw_dir))
+        os.environ[RUN_ID_ENV] = run_id
+    card["mlflow_run_id"] = run_id
+    logger = MLFlowLogger(
+        experiment_name=config.tracking.experiment,
+        tracking_uri=tracking.tracking_uri(config),
+        run_id=run_id,
+        synchronous=False,
+    )
+    curves = EpochCurves()
+    checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=".train.", dir=checkpoint_out.parent.resolve()))
+    try:
+        best = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val_loss", mode="min")
+        trainer = L.Trainer(
+            max_epochs=config.train.max_epochs,
+            accelerator=config.trainer.accelerator,
+            devices=config.trainer.devices,
+            strategy=config.trainer.strategy,
+            precision=config.trainer.precision,
+            deterministic=config.trainer.deterministic,
+            logger=logger,
+            callbacks=[
+                best,
+                EarlyStopping("val_loss", patience=config.train.early_stopping_patience),
+                curves,
+                TQDMProgressBar(refresh_rate=max(1, len(datamodule.train_dataloader()) // 4)),
+            ],
+            default_root_dir=workdir,
+            enable_model_summary=True,
+            log_every_n_steps=10**9,  # metrics are logged per epoch, never per step
+        )
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        seconds = time.perf_counter() - started
+        if not trainer.is_global_zero:
+            return {}
+        shutil.move(best.best_model_path, checkpoint_out)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    best_row = min(curves.rows, key=lambda row: row.get("val_loss", float("inf")))
+    metrics = {
+        "train_loss": best_row["train_loss"],
+        "train_acc": best_row["train_acc"],
+        "val_loss": best_row["val_loss"],
+        "val_acc": best_row["val_acc"],
+        "best_epoch": best_row["epoch"],
+        "epochs": len(curves.rows),
+        "train_seconds": round(seconds, 3),
+        "train_images_per_s": round(len(curves.rows) * len(datamodule.splits["train"][1]) / seconds, 1),
+    }
+    write_json(metrics_out, metrics)
+    write_curves(curves.rows, curves_out, curves_png)
+    tracking.log_metrics(config, run_id, {f"best_{k}": v for k, v in metrics.items()})
+    tracking.log_artifacts(config, run_id, [Path("params.yaml"), metrics_out, curves_out])
+    if curves_png:
+        tracking.log_artifacts(config, run_id, [curves_png], "plots")
+    return metrics
