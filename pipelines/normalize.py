@@ -11,7 +11,9 @@ def main() -> None:
     config = load_params()
     raw_dir = Path("data/raw") / config.data.name
     report = normalize(config.data, config.seed, raw_dir, Path("data/normalized"))
-    print(f"normalize: {report['n_images']} images, cross-split duplicates {report['duplicates_across_splits']}")
+    print(
+        f"normalize: {report['n_images']} images, cross-split duplicates {report['duplicates_across_splits']}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgclf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    params = commands.add_parser(
-        "params", help="compose conf/ into params.yaml, or check it for drift"
+    params = commands.add_parser("params", help="compose conf/ into params.yaml, or check it for drift")
+    params.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="Hydra overrides, e.g. model=cnn train.lr=0.01",
     )
-    params.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, e.g. model=cnn train.lr=0.01")
     params.add_argument("--check", action="store_true", help="exit 2 if params.yaml differs from conf/")
     params.set_defaults(handler=cmd_params)
     return parser

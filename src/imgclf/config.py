@@ -159,7 +159,9 @@ def recorded_overrides(params_path: str | os.PathLike = PARAMS_FILE) -> list[str
 
 
 def write_params(
-    overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR, path: str | os.PathLike = PARAMS_FILE
+    overrides: list[str],
+    conf_dir: str | os.PathLike = CONF_DIR,
+    path: str | os.PathLike = PARAMS_FILE,
 ) -> Config:
     """Compose, validate, then write params.yaml; nothing is written if any step fails."""
     params = compose(overrides, conf_dir)
@@ -173,22 +175,14 @@ def params_drift(conf_dir: str | os.PathLike = CONF_DIR, path: str | os.PathLike
     path = Path(path)
     if not path.is_file():
         return [f"{path} is missing"]
-    expected = _flatten(compose(recorded_overrides(path), conf_dir))
-    actual = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    expected = flatten(compose(recorded_overrides(path), conf_dir))
+    actual = flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    missing = "<missing>"
     return [
-        f"{key}: params.yaml has {actual.get(key, '<missing>')!r}, conf/ gives {expected.get(key, '<missing>')!r}"
+        f"{key}: params.yaml has {actual.get(key, missing)!r}, conf/ gives {expected.get(key, missing)!r}"
         for key in sorted(expected.keys() | actual.keys())
-        if expected.get(key, "<missing>") != actual.get(key, "<missing>")
+        if expected.get(key, missing) != actual.get(key, missing)
     ]
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): tree}
 
 
 def flatten(config: Config | dict) -> dict[str, Any]:
@@ -219,8 +213,12 @@ def _describe(error: ValidationError) -> str:
         before = section
         section, skipped = _descend(section, part)
         # Inside a plain union (`int | Literal["auto"]`) pydantic adds one loc part per member.
-        skipped = skipped or (before is not None and not _is_section(before) and not part.isdigit()
-                              and not _union_members(before))
+        skipped = skipped or (
+            before is not None
+            and not _is_section(before)
+            and not part.isdigit()
+            and not _union_members(before)
+        )
         if not skipped:
             path.append(part)
             parent = before

@@ -139,12 +139,14 @@ def check_parity(model: Probabilities, proto: onnx.ModelProto, images: np.ndarra
             actual = runtime.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0]
             max_diff = max(max_diff, float(np.abs(expected - actual).max()))
             mismatches += int((expected.argmax(1) != actual.argmax(1)).sum())
-    return {"parity_max_abs_diff": max_diff, "parity_argmax_mismatches": mismatches, "parity_n": len(images)}
+    return {
+        "parity_max_abs_diff": max_diff,
+        "parity_argmax_mismatches": mismatches,
+        "parity_n": len(images),
+    }
 
 
-def export(
-    config: Config, checkpoint: Path, data_dir: Path, onnx_out: Path, sidecar_out: Path
-) -> dict:
+def export(config: Config, checkpoint: Path, data_dir: Path, onnx_out: Path, sidecar_out: Path) -> dict:
     """Write models/model.onnx and models/model.json, or fail without touching them."""
     model, card = load_network(checkpoint)
     test_images, _ = load_split(data_dir, "test")
@@ -163,10 +165,19 @@ def export(
         "name": config.registry.model_name,
         "classes": card["classes"],
         "input": input_spec(card),
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(card["classes"])]},
+        "output": {
+            "name": OUTPUT_NAME,
+            "dtype": "float32",
+            "shape": ["batch", len(card["classes"])],
+        },
         "normalization": card["stats"],
         "model": card["model"],
-        "export": {"opset": OPSET, "exporter": "torch.onnx (torchscript)", "torch": torch.__version__, **parity},
+        "export": {
+            "opset": OPSET,
+            "exporter": "torch.onnx (torchscript)",
+            "torch": torch.__version__,
+            **parity,
+        },
         "lineage": {
             "mlflow_run_id": run_id,
             "tracking_uri": tracking.tracking_uri(config),
@@ -205,7 +216,10 @@ def _log_model(config, run_id, proto, example, parity, sidecar_path: Path) -> No
             name="model",
             signature=signature,
             input_example=example,
-            pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+            pip_requirements=[
+                f"onnx=={onnx.__version__}",
+                f"onnxruntime=={onnxruntime.__version__}",
+            ],
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 from imgclf.config import Config, flatten
 
 MLFLOW_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -90,11 +91,14 @@ def start_run(config: Config, tags: dict[str, str]) -> str:
 
     mlflow_client = client(config)
     experiment = mlflow_client.get_experiment_by_name(config.tracking.experiment)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else mlflow_client.create_experiment(config.tracking.experiment)
-    )
+    if experiment:
+        experiment_id = experiment.experiment_id
+    else:
+        # Beside the default store, artifacts go to <repo root>/mlartifacts: an absolute place,
+        # where MLflow would otherwise pick ./mlruns under whichever folder a stage runs in.
+        is_default = tracking_uri(config) == f"sqlite:///{repo_root() / MLFLOW_DB}"
+        location = (repo_root() / ARTIFACTS_DIR).as_uri() if is_default else None
+        experiment_id = mlflow_client.create_experiment(config.tracking.experiment, location)
     run = mlflow_client.create_run(experiment_id, tags=tags, run_name=tags.get("dvc.exp_name"))
     params = [Param(key, str(value)) for key, value in flatten(config).items()]
     for start in range(0, len(params), 100):  # MLflow's per-request limit on params

@@ -1,10 +1,13 @@
 """The train stage: a LightningModule on uint8 batches, trained with Lightning, tracked in MLflow."""
 
 import csv
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -99,6 +102,26 @@ class ImageClassifier(L.LightningModule):
         checkpoint["imgclf"] = self.card
 
 
+class EpochLines(Callback):
+    """One line per epoch, for logs that are not a terminal (CI, `dvc queue logs`)."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        shown = "  ".join(
+            f"{name} {float(metrics[name]):.4f}" for name in CURVE_FIELDS[1:5] if name in metrics
+        )
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}", flush=True)
+
+
+def progress_callback(steps_per_epoch: int) -> Callback:
+    """A progress bar on a terminal; sparse lines otherwise, so CI logs stay readable."""
+    if sys.stdout.isatty():
+        return TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 10))
+    return EpochLines()
+
+
 class EpochCurves(Callback):
     """Keeps one row per finished epoch for plots/train_curves.csv."""
 
@@ -161,6 +184,9 @@ def train(
     curves_png: Path | None = None,
 ) -> dict[str, float]:
     """Train the configured model on data/normalized/ and write the best checkpoint and metrics."""
+    # Lightning's banner lines (accelerator availability, tips) are noise in a pipeline log.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch internals, not actionable
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ImageDataModule(data_dir, config.train.batch_size, config.seed)
     datamodule.setup("fit")
@@ -196,11 +222,13 @@ def train(
                 best,
                 EarlyStopping("val_loss", patience=config.train.early_stopping_patience),
                 curves,
-                TQDMProgressBar(refresh_rate=max(1, len(datamodule.train_dataloader()) // 4)),
+                progress_callback(len(datamodule.train_dataloader())),
             ],
             default_root_dir=workdir,
             enable_model_summary=True,
-            log_every_n_steps=10**9,  # metrics are logged per epoch, never per step
+            enable_progress_bar=sys.stdout.isatty(),
+            # Metrics are logged once per epoch; this only keeps Lightning from warning about it.
+            log_every_n_steps=len(datamodule.train_dataloader()),
         )
         started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)

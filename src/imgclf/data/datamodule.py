@@ -17,7 +17,12 @@ class TensorBatches:
     """An epoch of (images, labels) batches; a new seeded permutation per pass when shuffling."""
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
     ):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed

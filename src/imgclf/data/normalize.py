@@ -13,6 +13,7 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+
 from imgclf.config import DataConfig
 from imgclf.data.sources import RawDataset, get_source
 from imgclf.fileio import atomic_dir, read_json, save_array, write_json
@@ -34,9 +35,7 @@ def split_indices(raw: RawDataset, config: DataConfig, seed: int) -> dict[str, n
             everything, test_size=config.test_fraction, stratify=raw.labels, random_state=seed
         )
         val_share = config.val_fraction / (1 - config.test_fraction)
-    train, val = train_test_split(
-        rest, test_size=val_share, stratify=raw.labels[rest], random_state=seed
-    )
+    train, val = train_test_split(rest, test_size=val_share, stratify=raw.labels[rest], random_state=seed)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
@@ -52,22 +51,18 @@ def image_hashes(images: np.ndarray) -> list[str]:
     return [hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() for image in images]
 
 
-def data_report(
-    splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
-) -> dict[str, object]:
+def data_report(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> dict[str, object]:
     """Checks a user should see before training: balance, value range and leakage."""
     hashes = {name: set(image_hashes(images)) for name, (images, _) in splits.items()}
     leaks = {f"{a}-{b}": len(hashes[a] & hashes[b]) for a, b in combinations(splits, 2)}
     return {
-        "n_images": {name: int(len(labels)) for name, (_, labels) in splits.items()},
+        "n_images": {name: len(labels) for name, (_, labels) in splits.items()},
         "class_counts": {
             name: {classes[c]: int(n) for c, n in enumerate(np.bincount(labels, minlength=len(classes)))}
             for name, (_, labels) in splits.items()
         },
         "shape": list(next(iter(splits.values()))[0].shape[1:]),
-        "value_range": {
-            name: [int(images.min()), int(images.max())] for name, (images, _) in splits.items()
-        },
+        "value_range": {name: [int(images.min()), int(images.max())] for name, (images, _) in splits.items()},
         "duplicates_across_splits": leaks,
     }
 
