@@ -1,0 +1,58 @@
+"""Digits test accuracy and macro F1 of each model, through the real pipeline.
+
+In one committed temporary copy of the work tree: `imgclf params model=<m>` then `dvc repro`
+for each model in turn (download and normalize run once and are reused), reading
+metrics/eval.json after each.
+"""
+
+import argparse
+import json
+import time
+
+from common import main_guard, pipeline_env, repo_copy, row, run, write_result
+
+TARGETS = {"cnn": 0.98}  # minimum test accuracy per model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="extra `imgclf params` override for a quick run, e.g. train.max_epochs=2",
+    )
+    args = parser.parse_args()
+
+    rows, details = [], {"overrides": args.set}
+    with repo_copy() as copy:
+        env = pipeline_env(copy)
+        for model in args.models:
+            print(f"{model}: imgclf params model={model} && dvc repro ...", flush=True)
+            run(["imgclf", "params", f"model={model}", *args.set], copy, env)
+            started = time.perf_counter()
+            run(["dvc", "repro"], copy, env)
+            seconds = time.perf_counter() - started
+            metrics = json.loads((copy / "metrics" / "eval.json").read_text(encoding="utf-8"))
+            train = json.loads((copy / "metrics" / "train.json").read_text(encoding="utf-8"))
+            target = TARGETS.get(model)
+            op = ">=" if target is not None else None
+            rows += [
+                row(f"{model} test accuracy", metrics["accuracy"], "", op, target),
+                row(f"{model} test macro F1", metrics["macro_f1"]),
+            ]
+            details[model] = {
+                "accuracy": metrics["accuracy"],
+                "macro_f1": metrics["macro_f1"],
+                "n_test": metrics["n_test"],
+                "epochs": train["epochs"],
+                "best_epoch": train["best_epoch"],
+                "repro_s": round(seconds, 2),
+            }
+    write_result("accuracy", rows, details)
+
+
+if __name__ == "__main__":
+    main_guard(main)

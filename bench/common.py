@@ -1,0 +1,167 @@
+"""Shared helpers for the benchmarks: a clean copy of the repo, commands, timing, results."""
+
+import contextlib
+import json
+import operator
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+VENV_BIN = Path(sys.prefix) / "bin"  # the interpreter running the benchmark, e.g. .venv/bin
+# Pipeline outputs and local state: a copy must start without them (they are gitignored anyway;
+# dvc.lock is dropped too so that `dvc repro` in the copy really starts from scratch).
+EXCLUDED = {"data", "models", "metrics", "plots", "mlflow.db", "mlartifacts", "mlruns", ".venv"}
+EXCLUDED_FILES = {"dvc.lock"}
+GIT_IDENTITY = ["-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+GIT_IDENTITY += ["-c", "commit.gpgsign=false"]
+OPS = {"<=": operator.le, ">=": operator.ge}
+
+
+class BenchError(Exception):
+    """A benchmark cannot run; the message says why (printed without a traceback)."""
+
+
+def repo_files(root: Path = ROOT) -> list[str]:
+    """Tracked and untracked-but-not-ignored files of the work tree that exist on disk."""
+    listed = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], root)
+    files = [name for name in listed.split("\0") if name]
+    return [
+        name
+        for name in files
+        if name.split("/")[0] not in EXCLUDED
+        and name not in EXCLUDED_FILES
+        and not name.startswith("bench/results/")
+        and (root / name).is_file()
+    ]
+
+
+@contextlib.contextmanager
+def repo_copy(keep: bool = False) -> Iterator[Path]:
+    """A temporary copy of the work tree, committed in a fresh git repo; removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
+    try:
+        for name in repo_files():
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target)
+        git_commit(folder, "benchmark copy")
+        yield folder
+    finally:
+        if keep:
+            print(f"kept the copy at {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def git_commit(folder: Path, message: str) -> None:
+    if not (folder / ".git").is_dir():
+        run(["git", "init", "--quiet", "--initial-branch=main"], folder)
+    run(["git", *GIT_IDENTITY, "add", "--all"], folder)
+    run(["git", *GIT_IDENTITY, "commit", "--quiet", "--allow-empty", "-m", message], folder)
+
+
+def pipeline_env(copy: Path) -> dict[str, str]:
+    """The venv's tools first on PATH and the copy's sources on PYTHONPATH."""
+    env = dict(os.environ)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "PYTHONHOME"):
+        env.pop(name, None)  # the copy must track into its own store, not an outer one
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(copy / "src")
+    env["VIRTUAL_ENV"] = str(VENV_BIN.parent)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a command; return its stdout, or raise BenchError with its output on failure."""
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        tail = (done.stdout + done.stderr).strip()[-3000:]
+        raise BenchError(f"`{' '.join(cmd)}` failed with exit code {done.returncode}:\n{tail}")
+    return done.stdout
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one successful run of `cmd`."""
+    started = time.perf_counter()
+    run(cmd, cwd, env)
+    return time.perf_counter() - started
+
+
+def timed_lines(
+    cmd: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> tuple[float, list[tuple[float, str]]]:
+    """Wall seconds of `cmd`, and each output line with the second it arrived (from the start)."""
+    started = time.perf_counter()
+    lines: list[tuple[float, str]] = []
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        for line in process.stdout:
+            lines.append((time.perf_counter() - started, line.rstrip("\n")))
+    seconds = time.perf_counter() - started
+    if process.returncode:
+        tail = "\n".join(line for _, line in lines)[-3000:]
+        raise BenchError(f"`{' '.join(cmd)}` failed with exit code {process.returncode}:\n{tail}")
+    return seconds, lines
+
+
+def row(
+    metric: str, value: float, unit: str = "", op: str | None = None, target: float | None = None
+) -> dict:
+    """One result line; with `op` and `target` it also says whether the target is met."""
+    ok = None if op is None else bool(OPS[op](value, target))
+    return {"metric": metric, "value": value, "unit": unit, "op": op, "target": target, "ok": ok}
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table of result rows; a "bench" column first when the rows have one."""
+    table = []
+    for r in rows:
+        target = f"{r['op']} {r['target']:g}" if r["op"] else ""
+        status = {None: "", True: "ok", False: "MISSED"}[r["ok"]]
+        value = r["value"]
+        if isinstance(value, float):
+            value = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+        cells = [r["metric"], f"{value} {r['unit']}".strip(), target, status]
+        table.append([r["bench"], *cells] if "bench" in r else cells)
+    if not table:
+        return ""
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in table]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def write_result(name: str, rows: list[dict], details: dict | None = None) -> Path:
+    """Print the rows and write bench/results/<name>.json."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    result = {
+        "name": name,
+        "rows": rows,
+        "details": details or {},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "python": sys.version.split()[0],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(format_rows(rows))
+    print(f"-> {path.relative_to(ROOT)}")
+    return path
+
+
+def main_guard(main) -> None:
+    """Run `main`; a BenchError ends the script with its message and exit code 1."""
+    try:
+        main()
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,144 @@
+"""Inference speed of the exported ONNX model in ONNX Runtime vs the same network in PyTorch.
+
+ONNX Runtime: imgclf.evaluation.inference_session (CPU, intra-op threads 0 = ORT's default).
+PyTorch: imgclf.export.Probabilities around the network of imgclf.models.load_checkpoint, eager,
+in torch.inference_mode(), at torch's default thread count. Both take uint8 numpy images and
+return numpy probabilities. Batch-1 latency: median over --latency-runs after a warm-up;
+batch throughput: full batches for at least --seconds. Engines alternate, best of --rounds.
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from common import ROOT, BenchError, main_guard, row, write_result
+
+LATENCY_RATIO_TARGET = 0.5  # ORT / torch, at most
+THROUGHPUT_RATIO_TARGET = 2.0  # ORT / torch, at least
+WARMUP = 50
+
+
+def latency_ms(predict: Callable, images: np.ndarray, runs: int) -> float:
+    singles = [np.ascontiguousarray(images[i % len(images)][None]) for i in range(runs)]
+    for single in singles[:WARMUP]:
+        predict(single)
+    timings = []
+    for single in singles:
+        started = time.perf_counter()
+        predict(single)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings) * 1000
+
+
+def throughput(predict: Callable, batch: np.ndarray, seconds: float) -> float:
+    predict(batch)
+    runs, started = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - started < seconds:
+        predict(batch)
+        runs += 1
+    return runs * len(batch) / (time.perf_counter() - started)
+
+
+def engines(checkpoint: Path, onnx_path: Path) -> tuple[dict[str, Callable], dict]:
+    import torch
+
+    from imgclf.evaluation import inference_session
+    from imgclf.export import Probabilities
+    from imgclf.models import load_checkpoint
+
+    card, net = load_checkpoint(checkpoint)
+    model = Probabilities(net).eval()
+    session = inference_session(onnx_path)
+    input_name = session.get_inputs()[0].name
+
+    def run_torch(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(images)).numpy()
+
+    def run_ort(images: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: images})[0]
+
+    threads = {
+        "torch_threads": torch.get_num_threads(),
+        "ort_intra_op_threads": session.get_session_options().intra_op_num_threads,
+    }
+    return {"onnxruntime": run_ort, "torch": run_torch}, {"card": card, **threads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "model.ckpt")
+    parser.add_argument("--onnx", type=Path, default=ROOT / "models" / "model.onnx")
+    parser.add_argument("--latency-runs", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=1.0, help="min time per throughput run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (best kept)")
+    args = parser.parse_args()
+    missing = [str(p) for p in (args.checkpoint, args.onnx) if not p.is_file()]
+    if missing:
+        raise BenchError(
+            f"not found: {', '.join(missing)}. Run the pipeline first (`make run` or `dvc repro`),"
+            " or pass --checkpoint and --onnx"
+        )
+
+    predictors, info = engines(args.checkpoint, args.onnx)
+    card = info.pop("card")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(args.batch, *card["input_shape"]), dtype=np.uint8)
+    outputs = {name: predict(images) for name, predict in predictors.items()}
+    max_diff = float(np.abs(outputs["onnxruntime"] - outputs["torch"]).max())
+    print(
+        f"input {card['input_shape']} uint8, model {card['model']['name']}; "
+        f"torch threads {info['torch_threads']} (torch default), "
+        f"ORT intra-op threads {info['ort_intra_op_threads']} (0 = ORT default); "
+        f"max |dp| ORT vs torch {max_diff:.1e}",
+        flush=True,
+    )
+    latency = {name: [] for name in predictors}
+    per_s = {name: [] for name in predictors}
+    for _ in range(args.rounds):
+        for name, predict in predictors.items():
+            latency[name].append(latency_ms(predict, images, args.latency_runs))
+            per_s[name].append(throughput(predict, images, args.seconds))
+    best_ms = {name: min(values) for name, values in latency.items()}
+    best_per_s = {name: max(values) for name, values in per_s.items()}
+    b = args.batch
+    rows = [
+        row("ORT batch-1 latency p50", round(best_ms["onnxruntime"], 4), "ms"),
+        row("torch batch-1 latency p50", round(best_ms["torch"], 4), "ms"),
+        row(
+            "ORT/torch latency",
+            round(best_ms["onnxruntime"] / best_ms["torch"], 3),
+            "",
+            "<=",
+            LATENCY_RATIO_TARGET,
+        ),
+        row(f"ORT batch-{b} throughput", round(best_per_s["onnxruntime"], 1), "img/s"),
+        row(f"torch batch-{b} throughput", round(best_per_s["torch"], 1), "img/s"),
+        row(
+            "ORT/torch throughput",
+            round(best_per_s["onnxruntime"] / best_per_s["torch"], 3),
+            "",
+            ">=",
+            THROUGHPUT_RATIO_TARGET,
+        ),
+    ]
+    details = {
+        "checkpoint": str(args.checkpoint),
+        "onnx": str(args.onnx),
+        "model": card["model"],
+        "input_shape": card["input_shape"],
+        **info,
+        "max_abs_diff_probabilities": max_diff,
+        "latency_ms_per_round": latency,
+        "images_per_s_per_round": per_s,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    write_result("onnx_vs_torch", rows, details)
+
+
+if __name__ == "__main__":
+    main_guard(main)
