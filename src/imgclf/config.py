@@ -32,8 +32,9 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal["digits"]
+    name: Literal["digits", "mnist"]
     mirrors: list[str] = []
+    cache_dir: str = "~/.cache/imgclf"  # verified downloads, shared by every checkout
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
     test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
 

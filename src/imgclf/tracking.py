@@ -47,7 +47,8 @@ def git_state(root: Path) -> dict[str, str]:
         return done.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # dvc.lock is rewritten by the pipeline itself as stages finish: not a change to the code.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
     return {
         "git.commit": commit or "unknown",
         "git.dirty": "unknown" if status is None else str(bool(status)).lower(),

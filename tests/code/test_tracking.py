@@ -41,6 +41,11 @@ def test_git_state_reports_commit_and_dirty_flag(tmp_path):
         ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True
     ).stdout.strip()
     assert tracking.git_state(tmp_path) == {"git.commit": head, "git.dirty": "false"}
+    (tmp_path / "dvc.lock").write_text("x")
+    git("add", "dvc.lock")
+    git("commit", "-qm", "lock")
+    (tmp_path / "dvc.lock").write_text("rewritten by the pipeline as stages finish")
+    assert tracking.git_state(tmp_path)["git.dirty"] == "false"
     (tmp_path / "f.txt").write_text("b")
     assert tracking.git_state(tmp_path)["git.dirty"] == "true"
 

@@ -5,6 +5,7 @@ A source's `fetch` writes the data, as downloaded or materialised, into an empty
 themselves with `@register`.
 """
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,3 +77,66 @@ def fetch_digits(config: DataConfig, target: Path) -> None:
     # Plain .npy, not .npz: a zip stores timestamps, and the raw data must hash the same every time.
     np.save(target / "images.npy", digits.images.astype(np.uint8), allow_pickle=False)
     np.save(target / "labels.npy", digits.target.astype(np.uint8), allow_pickle=False)
+
+
+# --- IDX data sets (MNIST, Fashion-MNIST): four gzip files on public mirrors ------------------
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (the MNIST format: magic, dims, big-endian sizes, then the data), gzip or not."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+        raise ValueError(f"{path.name} is not a uint8 IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path.name}: header says {shape}, body has {body.size} values")
+    return body.reshape(shape)
+
+
+def idx_reader(classes: list[str]) -> Callable[[Path], RawDataset]:
+    def read(raw_dir: Path) -> RawDataset:
+        arrays = {key: read_idx(raw_dir / name) for key, name in IDX_FILES.items()}
+        images = np.concatenate([arrays["train_images"], arrays["test_images"]])[:, None]
+        labels = np.concatenate([arrays["train_labels"], arrays["test_labels"]]).astype(np.int64)
+        official_test = np.zeros(len(labels), dtype=bool)
+        official_test[len(arrays["train_labels"]) :] = True
+        return RawDataset(np.ascontiguousarray(images), labels, classes, official_test)
+
+    return read
+
+
+def idx_fetcher(checksums: dict[str, str]) -> Callable[[DataConfig, Path], None]:
+    """Fetch the four IDX files, verified by the SHA-256 of their decompressed payloads."""
+
+    def fetch_idx(config: DataConfig, target: Path) -> None:
+        from imgclf.data.fetch import RemoteFile, fetch
+
+        cache = Path(config.cache_dir).expanduser() / config.name
+        for name in IDX_FILES.values():
+            remote = RemoteFile(name, payload_sha256=checksums[name])
+            shutil.copyfile(fetch(remote, config.mirrors, cache), target / name)
+
+    return fetch_idx
+
+
+MNIST_PAYLOAD_SHA256 = {
+    "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+register("mnist", read=idx_reader([str(d) for d in range(10)]))(idx_fetcher(MNIST_PAYLOAD_SHA256))

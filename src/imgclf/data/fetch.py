@@ -1,0 +1,184 @@
+"""Robust downloads shared by every data source.
+
+pooch (the usual choice for fetching data files) verifies one hash of one URL; it cannot resume
+a cut transfer, fail over between mirrors, read file:// mirrors, or accept a mirror that
+re-compressed the same payload. So this module does, with requests and tqdm:
+
+- stream to `<cache>/<name>.part`, resume it with an HTTP Range request after an interruption;
+- retry transient failures (connection cut, timeout, 5xx) with exponential backoff;
+- reject an HTML page served in place of the file, and a body shorter than announced;
+- verify before the rename into place: the published SHA-256 of the file, or the SHA-256 of
+  its gzip-decompressed payload;
+- fail over to the next mirror; when all fail, one error that lists every mirror and why.
+
+Verified files live in a cache (`data.cache_dir`), so a second pipeline never downloads again.
+"""
+
+import gzip
+import hashlib
+import os
+import shutil
+import sys
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgclf.errors import ImgclfError
+
+CHUNK = 1 << 16
+
+
+class DownloadError(ImgclfError):
+    """No mirror delivered a file that verifies."""
+
+
+class TransientError(Exception):
+    """Worth retrying on the same mirror (5xx, connection cut, timeout, short body)."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file published under the same name on every mirror, with what it must hash to."""
+
+    name: str
+    sha256: str | None = None  # of the file as published
+    payload_sha256: str | None = None  # of the decompressed payload, for gzip files
+
+    def __post_init__(self):
+        if not (self.sha256 or self.payload_sha256):
+            raise ValueError(f"{self.name}: a checksum is required")
+
+
+def sha256_of(path: Path, decompress: bool = False) -> str:
+    digest = hashlib.sha256()
+    opener = gzip.open if decompress else open
+    with opener(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verifies(path: Path, remote: RemoteFile) -> bool:
+    """The file matches its published checksum, or its decompressed payload matches."""
+    if remote.sha256 and sha256_of(path) == remote.sha256:
+        return True
+    if remote.payload_sha256:
+        try:
+            return sha256_of(path, decompress=True) == remote.payload_sha256
+        except (OSError, EOFError, gzip.BadGzipFile):
+            return False
+    return False
+
+
+def progress(total: int | None, desc: str, initial: int = 0):
+    """A byte progress bar on a terminal; a line every 30 s otherwise, so CI logs stay readable."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        mininterval=0.2 if tty else 30,
+        dynamic_ncols=tty,
+        leave=tty,
+    )
+
+
+def fetch(
+    remote: RemoteFile,
+    mirrors: list[str],
+    cache_dir: Path,
+    retries: int = 3,
+    backoff: float = 0.5,
+    timeout: float = 30,
+) -> Path:
+    """The verified file in `cache_dir`, downloaded from the first mirror that delivers it."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / remote.name
+    if target.is_file() and verifies(target, remote):
+        return target
+    if not mirrors:
+        raise DownloadError(f"{remote.name}: no mirrors configured (data.mirrors is empty)")
+    part = target.with_name(target.name + ".part")
+    errors = []
+    for base in mirrors:
+        url = urllib.parse.urljoin(base if base.endswith("/") else base + "/", remote.name)
+        try:
+            _download_with_retries(url, part, retries, backoff, timeout)
+            if not verifies(part, remote):
+                raise DownloadError("checksum mismatch")
+            os.replace(part, target)
+            return target
+        except (DownloadError, TransientError, OSError) as error:
+            errors.append(f"{url}: {error}")
+            part.unlink(missing_ok=True)  # a bad or partial body must not be resumed elsewhere
+    raise DownloadError(f"could not fetch {remote.name} from any mirror: " + "; ".join(errors))
+
+
+def _download_with_retries(url: str, part: Path, retries: int, backoff: float, timeout: float) -> None:
+    for attempt in range(retries + 1):
+        try:
+            _download(url, part, timeout)
+            return
+        except TransientError:
+            if attempt == retries:
+                raise
+            time.sleep(backoff * 2**attempt)
+
+
+def _download(url: str, part: Path, timeout: float) -> None:
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme == "file":
+        source = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+        if not source.is_file():
+            raise DownloadError("no such file")
+        shutil.copyfile(source, part)
+    elif scheme in ("http", "https"):
+        _download_http(url, part, timeout)
+    else:
+        raise DownloadError(f"unsupported scheme {scheme!r} (use https://, http:// or file://)")
+
+
+def _download_http(url: str, part: Path, timeout: float) -> None:
+    import requests
+
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
+    headers["Accept-Encoding"] = "identity"
+    try:
+        response = requests.get(url, headers=headers, stream=True, timeout=timeout)
+    except (requests.ConnectionError, requests.Timeout) as error:
+        raise TransientError(f"connection failed: {type(error).__name__}") from None
+    with response:
+        if response.status_code == 416 and have:  # the part is already complete
+            return
+        if response.status_code >= 500 or response.status_code == 429:
+            raise TransientError(f"HTTP {response.status_code}")
+        if response.status_code not in (200, 206):
+            raise DownloadError(f"HTTP {response.status_code}")
+        if "text/html" in response.headers.get("Content-Type", ""):
+            raise DownloadError("the server sent an HTML page, not the file")
+        resumed = response.status_code == 206
+        start = have if resumed else 0
+        length = response.headers.get("Content-Length")
+        expected = start + int(length) if length is not None else None
+        written = start
+        with part.open("ab" if resumed else "wb") as f, progress(expected, part.stem, start) as bar:
+            try:
+                for block in response.iter_content(CHUNK):
+                    f.write(block)
+                    written += len(block)
+                    bar.update(len(block))
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as error:
+                raise TransientError(
+                    f"connection cut after {written} bytes ({type(error).__name__})"
+                ) from None
+    if expected is not None and written != expected:
+        raise TransientError(f"got {written} of {expected} bytes")
