@@ -9,7 +9,7 @@ import argparse
 import json
 import time
 
-from common import main_guard, pipeline_env, repo_copy, row, run, write_result
+from common import add_override_option, main_guard, pipeline_env, repo_copy, row, run, write_result
 
 TARGETS = {"cnn": 0.98}  # minimum test accuracy per model
 
@@ -17,13 +17,7 @@ TARGETS = {"cnn": 0.98}  # minimum test accuracy per model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="OVERRIDE",
-        help="extra `imgclf params` override for a quick run, e.g. train.max_epochs=2",
-    )
+    add_override_option(parser)
     args = parser.parse_args()
 
     rows, details = [], {"overrides": args.set}

@@ -165,3 +165,14 @@ def main_guard(main) -> None:
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def add_override_option(parser) -> None:
+    """`--set OVERRIDE` (repeatable): an extra `imgclf params` override for a quick run."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="extra `imgclf params` override for a quick run, e.g. train.max_epochs=2",
+    )

@@ -12,6 +12,7 @@ import statistics
 
 from common import (
     BenchError,
+    add_override_option,
     git_commit,
     main_guard,
     pipeline_env,
@@ -42,13 +43,7 @@ def stage_seconds(total: float, lines: list[tuple[float, str]]) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--noop-runs", type=int, default=3, help="no-op repros (median)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="OVERRIDE",
-        help="extra `imgclf params` override for a quick run, e.g. train.max_epochs=2",
-    )
+    add_override_option(parser)
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
     args = parser.parse_args()
 

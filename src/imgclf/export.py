@@ -6,6 +6,7 @@ from the training (classes, input spec, normalisation) go into the file, so iden
 gives an identical file; run-specific values (run id, commit, time) go into the sidecar JSON.
 """
 
+import hashlib
 import io
 import json
 import warnings
@@ -228,6 +229,4 @@ def _log_model(config, run_id, proto, example, parity, sidecar_path: Path) -> No
 
 
 def _sha256(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()

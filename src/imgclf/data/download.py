@@ -1,27 +1,19 @@
 """The download stage: materialise a source into data/raw/<name>/ with a SHA-256 manifest."""
 
-import hashlib
 from pathlib import Path
 
 from imgclf.config import DataConfig
+from imgclf.data.fetch import sha256_of
 from imgclf.data.sources import get_source
 from imgclf.fileio import atomic_dir
 
 MANIFEST = "SHA256SUMS"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> dict[str, str]:
     """Write `sha256sum`-compatible SHA256SUMS for every file in `folder`; return the hashes."""
     hashes = {
-        path.relative_to(folder).as_posix(): sha256_file(path)
+        path.relative_to(folder).as_posix(): sha256_of(path)
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }

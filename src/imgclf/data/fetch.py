@@ -150,8 +150,8 @@ def _download_http(url: str, part: Path, timeout: float) -> None:
     import requests
 
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
-    headers["Accept-Encoding"] = "identity"
+    # identity: byte offsets for Range must be those of the file, not of a compressed stream
+    headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
     try:
         response = requests.get(url, headers=headers, stream=True, timeout=timeout)
     except (requests.ConnectionError, requests.Timeout) as error:
