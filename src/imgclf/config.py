@@ -32,11 +32,39 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal["digits", "mnist"]
+    """What every data set has; `data.name` picks the source and its own keys."""
+
+    name: str
     mirrors: list[str] = []
     cache_dir: str = "~/.cache/imgclf"  # verified downloads, shared by every checkout
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
     test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
+    min_class_count: PositiveInt = 1  # fewer images in any class of any split fails normalize
+
+
+class PublishedData(DataConfig):
+    """A published data set with fixed files and checksums."""
+
+    name: Literal["digits", "mnist", "fashion_mnist", "cifar10"]
+
+
+class ImageFolderData(DataConfig):
+    """The user's own images: class-named subfolders in a local folder or an archive at a URL."""
+
+    name: Literal["imagefolder"]
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None  # of the archive at `url`; None trusts the download as is
+    image_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] = [64, 64]  # H, W
+    mode: Literal["L", "RGB"] = "RGB"
+    resize: Literal["stretch", "crop"] = "crop"  # crop: shorter side to size, then centre crop
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    max_image_pixels: PositiveInt = 89_478_485  # larger images are decompression bombs
+    max_archive_bytes: PositiveInt = 20 * 2**30  # total uncompressed size an archive may expand to
+    workers: Annotated[int, Field(ge=0)] = 0  # decode processes; 0: one per CPU core
+
+
+DataChoice = Annotated[PublishedData | ImageFolderData, Field(discriminator="name")]
 
 
 class MLPConfig(Section):
@@ -92,7 +120,7 @@ class RegistryConfig(Section):
 
 class Config(Section):
     seed: Annotated[int, Field(ge=0)]
-    data: DataConfig
+    data: DataChoice
     model: ModelConfig
     trainer: TrainerConfig
     train: TrainConfig
@@ -228,6 +256,9 @@ def _describe(error: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         allowed = ", ".join(parent.model_fields) if _is_section(parent) else "none"
         return f"unknown key '{key}'; allowed here: {allowed}{more}"
+    if first["type"] == "union_tag_invalid":
+        expected = first["ctx"]["expected_tags"]
+        return f"{key}.name={first['ctx']['tag']!r}: unknown choice; allowed: {expected}{more}"
     if first["type"] == "missing":
         return f"missing key '{key}'{more}"
     return f"{key}={first.get('input')!r}: {first['msg']}{more}"
@@ -243,7 +274,7 @@ def _descend(section: Any, part: str) -> tuple[Any, bool]:
         field = section.model_fields.get(part)
         return (field.annotation if field else None), False
     for member in _union_members(section):
-        if member.model_fields["name"].annotation == Literal[part]:
+        if part in typing.get_args(member.model_fields["name"].annotation):
             return member, True
     return None, False
 
