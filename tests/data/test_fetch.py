@@ -1,12 +1,8 @@
-"""Downloads against a real HTTP server on 127.0.0.1 that misbehaves on purpose."""
+"""Downloads against a real HTTP server on 127.0.0.1 that misbehaves on purpose (conftest.py)."""
 
 import gzip
 import hashlib
 import random
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
 
 import pytest
 
@@ -19,84 +15,17 @@ SHA = hashlib.sha256(ARCHIVE).hexdigest()
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
-class Faulty(BaseHTTPRequestHandler):
-    """/<mode>/<file>: ok, recompressed, flaky (503 once), cut (half a body once), corrupt,
-    html (an error page with status 200), slow (stalls before answering), missing (404)."""
-
-    hits: ClassVar[dict[str, int]] = {}
-    ranges: ClassVar[list[str]] = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        mode = self.path.split("/")[1]
-        hits = Faulty.hits[self.path] = Faulty.hits.get(self.path, 0) + 1
-        body = RECOMPRESSED if mode == "recompressed" else ARCHIVE
-        if mode == "missing":
-            return self.send_error(404)
-        if mode == "flaky" and hits == 1:
-            return self.send_error(503)
-        if mode == "slow":
-            time.sleep(2)
-        if mode == "html":
-            return self.reply(200, b"<html><body>Service unavailable</body></html>", "text/html")
-        if mode == "corrupt":
-            body = body[:-10] + b"0123456789"
-        start = 0
-        if "Range" in self.headers:
-            Faulty.ranges.append(self.headers["Range"])
-            start = int(self.headers["Range"].split("=")[1].rstrip("-"))
-        if mode == "cut" and hits == 1:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.connection.shutdown(2)
-            return None
-        if start:
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            self.send_header("Content-Length", str(len(body) - start))
-            self.end_headers()
-            self.wfile.write(body[start:])
-            return None
-        return self.reply(200, body, "application/octet-stream")
-
-    def reply(self, status, body, content_type):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        pass  # clients that gave up on a slow or cut response are part of the test
-
-
-@pytest.fixture(scope="module")
-def server():
-    httpd = QuietServer(("127.0.0.1", 0), Faulty)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def fresh_counters():
-    Faulty.hits.clear()
-    Faulty.ranges.clear()
+@pytest.fixture
+def server(http_mirror):
+    http_mirror.files.update({"data.gz": ARCHIVE, "recompressed/data.gz": RECOMPRESSED})
+    return http_mirror
 
 
 REMOTE = RemoteFile("data.gz", sha256=SHA, payload_sha256=PAYLOAD_SHA)
 
 
 def fetch_from(server, cache, *modes, **kwargs):
-    return fetch(REMOTE, [f"{server}/{mode}/" for mode in modes], cache, backoff=0.01, **kwargs)
+    return fetch(REMOTE, [server.mirror(mode) for mode in modes], cache, backoff=0.01, **kwargs)
 
 
 def test_plain_download_verifies_and_is_cached(server, tmp_path):
@@ -108,13 +37,13 @@ def test_plain_download_verifies_and_is_cached(server, tmp_path):
 
 def test_503_is_retried(server, tmp_path):
     assert fetch_from(server, tmp_path, "flaky").read_bytes() == ARCHIVE
-    assert Faulty.hits["/flaky/data.gz"] == 2
+    assert server.hits["/flaky/data.gz"] == 2
 
 
 def test_cut_connection_resumes_with_a_range_request(server, tmp_path):
     assert fetch_from(server, tmp_path, "cut").read_bytes() == ARCHIVE
     # Whole chunks received before the cut are kept; only the rest is asked for again.
-    (asked,) = Faulty.ranges
+    (asked,) = server.ranges
     assert 0 < int(asked.removeprefix("bytes=").rstrip("-")) <= len(ARCHIVE) // 2
 
 
