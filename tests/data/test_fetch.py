@@ -2,11 +2,12 @@
 
 import gzip
 import hashlib
+import io
 import random
 
 import pytest
 
-from imgclf.data.fetch import DownloadError, RemoteFile, fetch
+from imgclf.data.fetch import DownloadError, ProgressLines, RemoteFile, fetch
 
 PAYLOAD = random.Random(0).randbytes(1 << 20)  # incompressible: the archive is 1 MiB too
 ARCHIVE = gzip.compress(PAYLOAD, mtime=0)
@@ -81,3 +82,51 @@ def test_all_mirrors_failing_lists_each_and_leaves_nothing(server, tmp_path):
     for fragment in ("/missing/data.gz: HTTP 404", "/corrupt/data.gz: checksum mismatch", "/html/"):
         assert fragment in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_html_page_served_as_a_binary_is_rejected(server, tmp_path):
+    server.files["data.gz"] = b"\n<!DOCTYPE html><html><body>Log in to download</body></html>"
+    with pytest.raises(DownloadError, match="HTML page"):
+        fetch_from(server, tmp_path, "ok", retries=0)
+
+
+def test_md5_only_file_verifies_and_a_wrong_md5_does_not(server, tmp_path):
+    md5 = hashlib.md5(ARCHIVE).hexdigest()
+    assert fetch(RemoteFile("data.gz", md5=md5), [server.mirror()], tmp_path / "a").read_bytes() == ARCHIVE
+    wrong = RemoteFile("data.gz", md5="0" * 32)
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        fetch(wrong, [server.mirror()], tmp_path / "b")
+
+
+def test_every_published_file_digest_must_match(server, tmp_path):
+    remote = RemoteFile("data.gz", sha256=SHA, md5="0" * 32)
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        fetch(remote, [server.mirror()], tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("sha256", "abc"), ("md5", SHA), ("payload_sha256", PAYLOAD_SHA.upper())]
+)
+def test_malformed_checksums_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field}="):
+        RemoteFile("data.gz", **{field: value})
+
+
+def test_progress_off_a_terminal_is_plain_lines(server, tmp_path, capsys):
+    fetch_from(server, tmp_path, "corrupt", "ok")
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines)
+    failover = "/corrupt/data.gz failed (checksum mismatch); trying the next mirror"
+    assert any(line.endswith(failover) for line in lines)
+    assert lines[-2:] == ["data.gz: downloading 1.0 MiB", lines[-1]]
+    assert lines[-1].startswith("data.gz: 1.0 MiB done in ")
+
+
+def test_progress_lines_report_share_speed_and_eta():
+    stream = io.StringIO()
+    with ProgressLines(4096, "x.gz", interval=0, stream=stream) as bar:
+        bar.update(1024)
+    first, middle, last = stream.getvalue().splitlines()
+    assert first == "x.gz: downloading 4.0 KiB"
+    assert middle.startswith("x.gz: 1.0 KiB of 4.0 KiB (25%), ") and "/s, ETA " in middle
+    assert last.startswith("x.gz: 1.0 KiB done in ")

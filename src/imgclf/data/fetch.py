@@ -7,16 +7,18 @@ re-compressed the same payload. So this module does, with requests and tqdm:
 - stream to `<cache>/<name>.part`, resume it with an HTTP Range request after an interruption;
 - retry transient failures (connection cut, timeout, 5xx) with exponential backoff;
 - reject an HTML page served in place of the file, and a body shorter than announced;
-- verify before the rename into place: the published SHA-256 of the file, or the SHA-256 of
-  its gzip-decompressed payload;
+- verify before the rename into place: the published SHA-256 and/or MD5 of the file (some data
+  sets publish only an MD5), or the SHA-256 of its gzip-decompressed payload;
 - fail over to the next mirror; when all fail, one error that lists every mirror and why.
 
 Verified files live in a cache (`data.cache_dir`), so a second pipeline never downloads again.
+Progress is a tqdm bar (bytes, speed, ETA) on a terminal, and a plain line every 15 s otherwise.
 """
 
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,10 +26,14 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from imgclf.errors import ImgclfError
 
 CHUNK = 1 << 16
+PLAIN_PROGRESS_SECONDS = 15.0
+HTML_STARTS = (b"<!doctype html", b"<html")
+HEX_LENGTHS = {"sha256": 64, "md5": 32, "payload_sha256": 64}
 
 
 class DownloadError(ImgclfError):
@@ -44,11 +50,32 @@ class RemoteFile:
 
     name: str
     sha256: str | None = None  # of the file as published
+    md5: str | None = None  # of the file as published, where that is all its authors publish
     payload_sha256: str | None = None  # of the decompressed payload, for gzip files
 
     def __post_init__(self):
-        if not (self.sha256 or self.payload_sha256):
+        given = {key: getattr(self, key) for key in HEX_LENGTHS if getattr(self, key)}
+        if not given:
             raise ValueError(f"{self.name}: a checksum is required")
+        for key, value in given.items():
+            digits = HEX_LENGTHS[key]
+            if not re.fullmatch(f"[0-9a-f]{{{digits}}}", value):
+                raise ValueError(f"{self.name}: {key}={value!r} is not {digits} lowercase hex digits")
+
+    @property
+    def file_digests(self) -> dict[str, str]:
+        """The published digests of the file itself, by hashlib name."""
+        return {key: value for key, value in (("sha256", self.sha256), ("md5", self.md5)) if value}
+
+
+def digests_of(path: Path, algorithms: list[str]) -> dict[str, str]:
+    """Several digests of a file in one read."""
+    hashers = {name: hashlib.new(name, usedforsecurity=False) for name in algorithms}
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            for hasher in hashers.values():
+                hasher.update(block)
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
 
 
 def sha256_of(path: Path, decompress: bool = False) -> str:
@@ -61,8 +88,9 @@ def sha256_of(path: Path, decompress: bool = False) -> str:
 
 
 def verifies(path: Path, remote: RemoteFile) -> bool:
-    """The file matches its published checksum, or its decompressed payload matches."""
-    if remote.sha256 and sha256_of(path) == remote.sha256:
+    """The file matches every published digest of the file, or its decompressed payload matches."""
+    published = remote.file_digests
+    if published and digests_of(path, list(published)) == published:
         return True
     if remote.payload_sha256:
         try:
@@ -73,10 +101,11 @@ def verifies(path: Path, remote: RemoteFile) -> bool:
 
 
 def progress(total: int | None, desc: str, initial: int = 0):
-    """A byte progress bar on a terminal; a line every 30 s otherwise, so CI logs stay readable."""
+    """A byte progress bar on a terminal; plain, sparse lines otherwise, so CI logs stay readable."""
+    if not sys.stderr.isatty():
+        return ProgressLines(total, desc, initial)
     from tqdm import tqdm
 
-    tty = sys.stderr.isatty()
     return tqdm(
         total=total,
         initial=initial,
@@ -85,10 +114,68 @@ def progress(total: int | None, desc: str, initial: int = 0):
         unit_scale=True,
         unit_divisor=1024,
         file=sys.stderr,
-        mininterval=0.2 if tty else 30,
-        dynamic_ncols=tty,
-        leave=tty,
+        mininterval=0.2,
+        dynamic_ncols=True,
     )
+
+
+class ProgressLines:
+    """Download progress as whole lines: when it starts, every `interval` seconds, when it ends.
+
+    tqdm off a terminal writes carriage returns that logs keep as one ever-growing line.
+    """
+
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        initial: int = 0,
+        interval: float = PLAIN_PROGRESS_SECONDS,
+        stream: TextIO | None = None,
+    ):
+        self.total, self.desc, self.initial, self.done = total, desc, initial, initial
+        self.interval, self.stream = interval, stream or sys.stderr
+        self.started = self.last = time.monotonic()
+
+    def __enter__(self) -> "ProgressLines":
+        start = f"resuming at {_size(self.initial)} of" if self.initial else "downloading"
+        self._print(f"{start} {_size(self.total) if self.total is not None else 'unknown size'}")
+        return self
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            rate = self._rate(now)
+            line = _size(self.done)
+            if self.total:
+                line += f" of {_size(self.total)} ({100 * self.done / self.total:.0f}%)"
+            line += f", {_size(rate)}/s"
+            if self.total and rate > 0:
+                line += f", ETA {(self.total - self.done) / rate:.0f} s"
+            self._print(line)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            now = time.monotonic()
+            self._print(f"{_size(self.done)} done in {now - self.started:.1f} s ({_size(self._rate(now))}/s)")
+
+    def _rate(self, now: float) -> float:
+        return (self.done - self.initial) / max(now - self.started, 1e-6)
+
+    def _print(self, text: str) -> None:
+        print(f"{self.desc}: {text}", file=self.stream, flush=True)
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def fetch(
@@ -119,6 +206,8 @@ def fetch(
         except (DownloadError, TransientError, OSError) as error:
             errors.append(f"{url}: {error}")
             part.unlink(missing_ok=True)  # a bad or partial body must not be resumed elsewhere
+            if len(errors) < len(mirrors):
+                print(f"{remote.name}: {url} failed ({error}); trying the next mirror", file=sys.stderr)
     raise DownloadError(f"could not fetch {remote.name} from any mirror: " + "; ".join(errors))
 
 
@@ -173,6 +262,8 @@ def _download_http(url: str, part: Path, timeout: float) -> None:
         with part.open("ab" if resumed else "wb") as f, progress(expected, part.stem, start) as bar:
             try:
                 for block in response.iter_content(CHUNK):
+                    if written == 0 and block.lstrip()[:14].lower().startswith(HTML_STARTS):
+                        raise DownloadError("the server sent an HTML page, not the file")
                     f.write(block)
                     written += len(block)
                     bar.update(len(block))
