@@ -1,0 +1,174 @@
+"""Image preprocessing, defined once: file bytes -> uint8 (C, H, W) pixels the model takes.
+
+The normalize stage decodes a user's image folder with `decode_image`, and `imgclf predict` and
+`imgclf serve` decode uploads with the same function and the `ImageSpec` stored in the model's
+metadata, so a model sees at serving time exactly what it saw in training.
+
+Numpy and Pillow only (no torch): the inference path imports this module.
+"""
+
+import io
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+MODES = ("L", "RGB")
+RESIZES = ("stretch", "crop")
+# One fixed filter: Pillow's BILINEAR widens its support when shrinking (it antialiases), and
+# reducing_gap=None turns off the JPEG/box shortcuts whose use depends on the input size.
+RESAMPLE = Image.Resampling.BILINEAR
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+# What Pillow may raise on a corrupt or hostile file; anything else is a bug and propagates.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class BadImage(ValueError):
+    """A file that cannot become model input; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The model's input: colour mode, size (height, width) and how other sizes are fitted to it.
+
+    resize "stretch" scales each side to size (aspect ratio not kept); "crop" scales the shorter
+    side to size and cuts the centre of the longer one.
+    """
+
+    mode: Literal["L", "RGB"]
+    size: tuple[int, int]  # (height, width), the order of the array axes
+    resize: Literal["stretch", "crop"] = "crop"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize={self.resize!r}: expected one of {RESIZES}")
+        size = tuple(self.size)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise ValueError(f"size={self.size!r}: expected (height, width), two positive integers")
+        object.__setattr__(self, "size", size)  # a list from JSON or YAML becomes the tuple
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) shape `decode_image` returns."""
+        return (self.channels, *self.size)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "size": list(self.size), "resize": self.resize}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ImageSpec":
+        return cls(mode=data["mode"], size=tuple(data["size"]), resize=data.get("resize", "crop"))
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the file was before preprocessing: Pillow mode and size as displayed (EXIF applied)."""
+
+    mode: str
+    width: int
+    height: int
+
+
+def decode_image(data: bytes | str | os.PathLike, spec: ImageSpec, max_pixels: int) -> np.ndarray:
+    """File bytes or a path -> uint8 (C, H, W) per `spec`; BadImage if it cannot be."""
+    return decode_image_with_info(data, spec, max_pixels)[0]
+
+
+def decode_image_with_info(
+    data: bytes | str | os.PathLike, spec: ImageSpec, max_pixels: int
+) -> tuple[np.ndarray, SourceInfo]:
+    """`decode_image`, plus what the source was (for the data report)."""
+    if isinstance(data, bytes):
+        size, source = len(data), io.BytesIO(data)
+    else:
+        # A path is opened by Pillow itself, so only the header is read before the pixel check.
+        # A missing file raises FileNotFoundError here: the caller's mistake, not a bad image.
+        size, source = os.stat(data).st_size, os.fspath(data)
+    if size == 0:
+        raise BadImage("empty file")
+    with _open(source, max_pixels) as image:
+        mode = image.mode
+        try:
+            image.load()  # Image.open read the header only: decode now, so truncation fails here
+            upright = ImageOps.exif_transpose(image)
+            info = SourceInfo(mode, upright.width, upright.height)
+            pixels = np.asarray(_resize(_to_mode(upright, spec.mode), spec), dtype=np.uint8)
+        except DECODE_ERRORS as error:
+            raise BadImage(f"corrupt or truncated {mode} image: {_one_line(error)}") from None
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return np.ascontiguousarray(pixels), info
+
+
+def _open(source: io.BytesIO | str, max_pixels: int) -> Image.Image:
+    """Pillow's lazy open (header only), refusing sizes over `max_pixels` before any decoding."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit; the check below against max_pixels decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except Image.DecompressionBombError as error:
+        raise BadImage(f"too many pixels: {_one_line(error)}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image Pillow can read") from None
+    except DECODE_ERRORS as error:
+        raise BadImage(f"unreadable image header: {_one_line(error)}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise BadImage(
+            f"too many pixels, a decompression bomb: {width}x{height} = {width * height} > {max_pixels}"
+        )
+    return image
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert to "L" or "RGB": transparency composited onto white, 16-bit scaled to 8."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = _to_eight_bit(image)
+    elif image.mode in ALPHA_MODES or "transparency" in image.info:
+        # A transparent background would otherwise become whatever colour the hidden pixels
+        # happen to hold (often black); white is what a viewer shows and what users draw on.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode == mode:
+        return image
+    if image.mode not in MODES:
+        image = image.convert("RGB")  # palette, CMYK, YCbCr, 1-bit... Pillow knows each way to RGB
+    return image.convert(mode)
+
+
+def _to_eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale to "L" by scaling 0..65535 to 0..255 (Pillow's own conversion clips)."""
+    # Mode "I" (32-bit) is how Pillow opens 16-bit PNG and TIFF greyscale too: read as 16-bit.
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def _resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
+    height, width = spec.size
+    if image.size == (width, height):
+        return image
+    box = None
+    if spec.resize == "crop":
+        # The centred region with the target's aspect ratio, resampled in one step.
+        scale = min(image.width / width, image.height / height)
+        crop_w, crop_h = width * scale, height * scale
+        left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
+        box = (left, top, left + crop_w, top + crop_h)
+    return image.resize((width, height), RESAMPLE, box=box, reducing_gap=None)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

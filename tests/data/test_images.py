@@ -1,0 +1,181 @@
+"""The one preprocessing function, on images generated with Pillow in every awkward form."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgclf.images import BadImage, ImageSpec, decode_image, decode_image_with_info
+
+RGB_4x4 = ImageSpec("RGB", (4, 4), "stretch")
+GREY_4x4 = ImageSpec("L", (4, 4), "stretch")
+MAX = 10**6
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a size in its header and holds (almost) no data: a bomb's calling card."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def test_spec_round_trips_through_a_dict_and_validates():
+    spec = ImageSpec("RGB", (32, 48), "crop")
+    assert spec.channels == 3 and spec.shape == (3, 32, 48)
+    assert ImageSpec.from_dict(spec.to_dict()) == spec
+    assert ImageSpec.from_dict({"mode": "L", "size": [8, 8], "resize": "stretch"}).size == (8, 8)
+    with pytest.raises(ValueError, match="mode='CMYK'"):
+        ImageSpec("CMYK", (8, 8))
+    with pytest.raises(ValueError, match="size"):
+        ImageSpec("L", (8, 0))
+
+
+def test_rgb_png_from_bytes_and_from_a_path_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(pixels), "PNG")
+    (tmp_path / "a.png").write_bytes(data)
+    from_bytes = decode_image(data, RGB_4x4, MAX)
+    assert from_bytes.dtype == np.uint8 and from_bytes.shape == (3, 4, 4)
+    assert np.array_equal(from_bytes, pixels.transpose(2, 0, 1))  # same size: pixels untouched
+    assert np.array_equal(decode_image(tmp_path / "a.png", RGB_4x4, MAX), from_bytes)
+
+
+def test_alpha_is_composited_onto_white():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)  # fully transparent black
+    rgba[0, :] = (0, 0, 255, 255)  # opaque blue row
+    rgba[1, :] = (255, 0, 0, 128)  # half-transparent red row
+    pixels, info = decode_image_with_info(encode(Image.fromarray(rgba), "PNG"), RGB_4x4, MAX)
+    assert info.mode == "RGBA"
+    assert pixels[:, 0, 0].tolist() == [0, 0, 255]
+    assert pixels[:, 1, 0].tolist() == pytest.approx([255, 127, 127], abs=1)
+    assert pixels[:, 3, 3].tolist() == [255, 255, 255]  # transparent black reads as white
+
+
+def test_grey_with_alpha_to_grey():
+    la = Image.new("LA", (4, 4), (0, 0))  # transparent black
+    la.putpixel((0, 0), (40, 255))
+    pixels = decode_image(encode(la, "PNG"), GREY_4x4, MAX)
+    assert pixels.shape == (1, 4, 4)
+    assert pixels[0, 0, 0] == 40 and pixels[0, 3, 3] == 255
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    values = np.array([[0, 257, 32896, 65535]] * 4, dtype=np.uint16)
+    pixels, info = decode_image_with_info(encode(Image.fromarray(values), "PNG"), GREY_4x4, MAX)
+    assert info.mode.startswith("I")
+    assert pixels[0, 0].tolist() == [0, 1, 128, 255]  # Pillow's own convert("L") gives 0, 255, 255, 255
+    rgb = decode_image(encode(Image.fromarray(values), "PNG"), RGB_4x4, MAX)
+    assert rgb.shape == (3, 4, 4) and rgb[:, 0, 3].tolist() == [255, 255, 255]
+
+
+def test_palette_png_with_and_without_transparency():
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putpixel((0, 0), 1)
+    pixels, info = decode_image_with_info(encode(palette, "PNG"), RGB_4x4, MAX)
+    assert info.mode == "P"
+    assert pixels[:, 0, 0].tolist() == [200, 100, 50] and pixels[:, 1, 1].tolist() == [10, 20, 30]
+    transparent = decode_image(encode(palette, "PNG", transparency=0), RGB_4x4, MAX)
+    assert transparent[:, 0, 0].tolist() == [200, 100, 50]
+    assert transparent[:, 1, 1].tolist() == [255, 255, 255]  # index 0 is transparent -> white
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    cmyk = Image.new("CMYK", (16, 16), (0, 0, 0, 0))  # no ink: white
+    cmyk.paste((0, 255, 255, 0), (0, 0, 16, 8))  # magenta + yellow: red
+    pixels, info = decode_image_with_info(encode(cmyk, "JPEG", quality=95), ImageSpec("RGB", (16, 16)), MAX)
+    assert info.mode == "CMYK"
+    assert pixels[:, 2, 8].tolist() == pytest.approx([255, 0, 0], abs=8)
+    assert pixels[:, 13, 8].tolist() == pytest.approx([255, 255, 255], abs=8)
+
+
+def test_greyscale_jpeg_in_either_mode():
+    grey = Image.new("L", (16, 16), 200)
+    data = encode(grey, "JPEG", quality=95)
+    as_grey = decode_image(data, ImageSpec("L", (16, 16)), MAX)
+    as_rgb = decode_image(data, ImageSpec("RGB", (16, 16)), MAX)
+    assert as_grey.shape == (1, 16, 16) and as_rgb.shape == (3, 16, 16)
+    assert abs(int(as_grey[0, 8, 8]) - 200) <= 2
+    assert np.array_equal(as_rgb[0], as_rgb[2]) and np.array_equal(as_rgb[0], as_grey[0])
+
+
+def test_exif_orientation_is_applied():
+    # Stored 40 wide, 20 high, black left half; orientation 6 means "rotate 90° clockwise to view",
+    # so the viewer sees 20 wide, 40 high, with the black half on top.
+    stored = Image.new("L", (40, 20), 255)
+    stored.paste(0, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    pixels, info = decode_image_with_info(data, ImageSpec("L", (40, 20), "stretch"), MAX)
+    assert (info.width, info.height) == (20, 40)
+    assert pixels.shape == (1, 40, 20)
+    assert pixels[0, :18].mean() < 10 and pixels[0, 22:].mean() > 245
+
+
+def test_crop_keeps_the_centre_and_stretch_keeps_everything():
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)  # a red stripe | green | a blue stripe
+    wide[:, :5] = (255, 0, 0)
+    wide[:, 5:35] = (0, 255, 0)
+    wide[:, 35:] = (0, 0, 255)
+    data = encode(Image.fromarray(wide), "PNG")
+    cropped = decode_image(data, ImageSpec("RGB", (10, 10), "crop"), MAX)
+    stretched = decode_image(data, ImageSpec("RGB", (10, 10), "stretch"), MAX)
+    # crop: the centre 20x20 of the 40x20 image, all green (the filter reaches 2 pixels past it)
+    assert (cropped[1] == 255).all() and (cropped[0] == 0).all() and (cropped[2] == 0).all()
+    # stretch: the whole width, squeezed: red on the left edge, blue on the right
+    assert stretched[0, :, 0].min() > 150 and stretched[2, :, 9].min() > 150
+    assert (stretched[1, :, 3:7] == 255).all()
+    # The same input gives the same bytes every time: the filter is fixed.
+    again = decode_image(data, ImageSpec("RGB", (7, 13), "crop"), MAX)
+    assert np.array_equal(again, decode_image(data, ImageSpec("RGB", (7, 13), "crop"), MAX))
+
+
+def test_truncated_jpeg_is_a_bad_image():
+    rng = np.random.default_rng(0)
+    data = encode(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(BadImage, match="truncated"):
+        decode_image(data[: len(data) // 2], RGB_4x4, MAX)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"just some text, named .png", "not an image"),
+        (b"", "empty file"),
+        (png_header_only(5000, 4000), r"too many pixels.*5000x4000 = 20000000 > 1000000"),
+    ],
+    ids=["text", "empty", "header-claims-20-megapixels"],
+)
+def test_not_images_are_bad_images_with_a_reason(tmp_path, data, reason):
+    path = tmp_path / "file.png"
+    path.write_bytes(data)
+    for source in (data, path):
+        with pytest.raises(BadImage, match=reason) as error:
+            decode_image(source, RGB_4x4, MAX)
+        assert "\n" not in str(error.value)
+
+
+def test_pixel_cap_is_checked_before_decoding():
+    data = encode(Image.new("RGB", (100, 60)), "PNG")
+    assert decode_image(data, RGB_4x4, max_pixels=6000).shape == (3, 4, 4)
+    with pytest.raises(BadImage, match="100x60 = 6000 > 5999"):
+        decode_image(data, RGB_4x4, max_pixels=5999)
+    # Over twice Pillow's own limit, Pillow refuses at open; that is a bad image too, not a crash.
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_image(png_header_only(30_000, 30_000), RGB_4x4, max_pixels=10**12)
