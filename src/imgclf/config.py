@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imgclf.errors import ConfigError
 from imgclf.fileio import write_text
@@ -81,7 +81,22 @@ class CNNConfig(Section):
     dropout: Fraction = 0.0
 
 
-ModelConfig = Annotated[MLPConfig | CNNConfig, Field(discriminator="name")]
+class ResNetConfig(Section):
+    """A CIFAR-style ResNet (He et al. 2016, section 4.2): depth 6n+2, three stages of n blocks."""
+
+    name: Literal["resnet"]
+    depth: PositiveInt = 20
+    width: PositiveInt = 16  # channels of the first stage; the others have 2x and 4x
+
+    @field_validator("depth")
+    @classmethod
+    def depth_is_6n_plus_2(cls, depth: int) -> int:
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError("must be 6n+2 with n >= 1: 8, 14, 20, 32, 44, 56, 110")
+        return depth
+
+
+ModelConfig = Annotated[MLPConfig | CNNConfig | ResNetConfig, Field(discriminator="name")]
 
 
 class TrainerConfig(Section):
@@ -93,6 +108,13 @@ class TrainerConfig(Section):
     deterministic: bool = True
 
 
+class AugmentConfig(Section):
+    """Seeded random changes to each training batch, on the device; validation and test see none."""
+
+    crop_padding: Annotated[int, Field(ge=0)] = 0  # pad with this many zero pixels, crop back at random
+    hflip: bool = False  # mirror half the images left-right: not for digits, whose mirror images differ
+
+
 class TrainConfig(Section):
     max_epochs: PositiveInt
     batch_size: PositiveInt
@@ -102,6 +124,7 @@ class TrainConfig(Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     scheduler: Literal["cosine", "step", "none"] = "cosine"
     early_stopping_patience: PositiveInt = 10
+    augment: AugmentConfig = AugmentConfig()
 
 
 class EvaluateConfig(Section):
@@ -112,6 +135,7 @@ class EvaluateConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = None
     experiment: Annotated[str, Field(min_length=1)] = "imgclf"
+    flush_seconds: Annotated[float, Field(ge=0)] = 15.0  # per-epoch metrics reach MLflow this often
 
 
 class RegistryConfig(Section):

@@ -208,7 +208,7 @@ def _log_model(config, run_id, proto, example, parity, sidecar_path: Path) -> No
     import onnxruntime
     from mlflow.models import infer_signature
 
-    tracking.client(config)
+    tracking.use_store(config)
     probabilities = session(proto.SerializeToString()).run([OUTPUT_NAME], {INPUT_NAME: example})[0]
     signature = infer_signature(example, probabilities)
     with mlflow.start_run(run_id=run_id):

@@ -78,12 +78,19 @@ def lineage(config: Config, data_dir: Path, raw_dir: Path) -> dict[str, str]:
 
 
 def client(config: Config):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(config)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=tracking_uri(config))
+
+
+def use_store(config: Config) -> None:
+    """Point MLflow's fluent API (mlflow.start_run, mlflow.onnx.log_model) at the config's store.
+
+    Only where the fluent API is needed: it also sets MLFLOW_TRACKING_URI for the whole process.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(config))
 
 
 def start_run(config: Config, tags: dict[str, str]) -> str:
@@ -119,13 +126,20 @@ def existing_run(config: Config, run_id: str) -> str | None:
 
 
 def log_metrics(config: Config, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    log_metric_history(config, run_id, [(key, value, step) for key, value in metrics.items()])
+
+
+def log_metric_history(config: Config, run_id: str, points: list[tuple[str, float, int]]) -> None:
+    """Log (key, value, step) points in as few requests as MLflow allows."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-    client(config).log_batch(run_id, metrics=batch)
+    metrics = [Metric(key, float(value), now, step) for key, value, step in points]
+    mlflow_client = client(config)
+    for start in range(0, len(metrics), 1000):  # MLflow's per-request limit on metrics
+        mlflow_client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
 def log_artifacts(config: Config, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
