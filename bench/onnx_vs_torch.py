@@ -5,6 +5,9 @@ PyTorch: imgclf.export.Probabilities around the network of imgclf.models.load_ch
 in torch.inference_mode(), at torch's default thread count. Both take uint8 numpy images and
 return numpy probabilities. Batch-1 latency: median over --latency-runs after a warm-up;
 batch throughput: full batches for at least --seconds. Engines alternate, best of --rounds.
+
+The models: for each of --models, `imgclf params model=<m>` and `dvc repro` in a committed
+temporary copy of the work tree (digits); or one given --checkpoint and --onnx.
 """
 
 import argparse
@@ -14,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, BenchError, main_guard, row, write_result
+from common import BenchError, main_guard, pipeline_env, repo_copy, row, run, write_result
 
 LATENCY_RATIO_TARGET = 0.5  # ORT / torch, at most
 THROUGHPUT_RATIO_TARGET = 2.0  # ORT / torch, at least
@@ -68,30 +71,16 @@ def engines(checkpoint: Path, onnx_path: Path) -> tuple[dict[str, Callable], dic
     return {"onnxruntime": run_ort, "torch": run_torch}, {"card": card, **threads}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "model.ckpt")
-    parser.add_argument("--onnx", type=Path, default=ROOT / "models" / "model.onnx")
-    parser.add_argument("--latency-runs", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=1.0, help="min time per throughput run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (best kept)")
-    args = parser.parse_args()
-    missing = [str(p) for p in (args.checkpoint, args.onnx) if not p.is_file()]
-    if missing:
-        raise BenchError(
-            f"not found: {', '.join(missing)}. Run the pipeline first (`make run` or `dvc repro`),"
-            " or pass --checkpoint and --onnx"
-        )
-
-    predictors, info = engines(args.checkpoint, args.onnx)
+def measure(checkpoint: Path, onnx_path: Path, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    predictors, info = engines(checkpoint, onnx_path)
     card = info.pop("card")
+    model = card["model"]["name"]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(args.batch, *card["input_shape"]), dtype=np.uint8)
     outputs = {name: predict(images) for name, predict in predictors.items()}
     max_diff = float(np.abs(outputs["onnxruntime"] - outputs["torch"]).max())
     print(
-        f"input {card['input_shape']} uint8, model {card['model']['name']}; "
+        f"input {card['input_shape']} uint8, model {model}; "
         f"torch threads {info['torch_threads']} (torch default), "
         f"ORT intra-op threads {info['ort_intra_op_threads']} (0 = ORT default); "
         f"max |dp| ORT vs torch {max_diff:.1e}",
@@ -107,19 +96,19 @@ def main() -> None:
     best_per_s = {name: max(values) for name, values in per_s.items()}
     b = args.batch
     rows = [
-        row("ORT batch-1 latency p50", round(best_ms["onnxruntime"], 4), "ms"),
-        row("torch batch-1 latency p50", round(best_ms["torch"], 4), "ms"),
+        row(f"{model} ORT batch-1 latency p50", round(best_ms["onnxruntime"], 4), "ms"),
+        row(f"{model} torch batch-1 latency p50", round(best_ms["torch"], 4), "ms"),
         row(
-            "ORT/torch latency",
+            f"{model} ORT/torch latency",
             round(best_ms["onnxruntime"] / best_ms["torch"], 3),
             "",
             "<=",
             LATENCY_RATIO_TARGET,
         ),
-        row(f"ORT batch-{b} throughput", round(best_per_s["onnxruntime"], 1), "img/s"),
-        row(f"torch batch-{b} throughput", round(best_per_s["torch"], 1), "img/s"),
+        row(f"{model} ORT batch-{b} throughput", round(best_per_s["onnxruntime"], 1), "img/s"),
+        row(f"{model} torch batch-{b} throughput", round(best_per_s["torch"], 1), "img/s"),
         row(
-            "ORT/torch throughput",
+            f"{model} ORT/torch throughput",
             round(best_per_s["onnxruntime"] / best_per_s["torch"], 3),
             "",
             ">=",
@@ -127,16 +116,43 @@ def main() -> None:
         ),
     ]
     details = {
-        "checkpoint": str(args.checkpoint),
-        "onnx": str(args.onnx),
         "model": card["model"],
         "input_shape": card["input_shape"],
         **info,
         "max_abs_diff_probabilities": max_diff,
         "latency_ms_per_round": latency,
         "images_per_s_per_round": per_s,
-        "args": {k: str(v) for k, v in vars(args).items()},
     }
+    return rows, details
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--checkpoint", type=Path, help="measure this model instead (with --onnx)")
+    parser.add_argument("--onnx", type=Path)
+    parser.add_argument("--latency-runs", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=1.0, help="min time per throughput run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (best kept)")
+    args = parser.parse_args()
+    rows, details = [], {"args": {k: str(v) for k, v in vars(args).items()}}
+    if args.checkpoint or args.onnx:
+        missing = [str(p) for p in (args.checkpoint, args.onnx) if p is None or not p.is_file()]
+        if missing:
+            raise BenchError(f"--checkpoint and --onnx must both name files; not found: {missing}")
+        rows, details["given"] = measure(args.checkpoint, args.onnx, args)
+    else:
+        with repo_copy() as copy:
+            env = pipeline_env(copy)
+            for model in args.models:
+                print(f"{model}: imgclf params model={model} && dvc repro ...", flush=True)
+                run(["imgclf", "params", f"model={model}"], copy, env)
+                run(["dvc", "repro"], copy, env)
+                model_rows, details[model] = measure(
+                    copy / "models" / "model.ckpt", copy / "models" / "model.onnx", args
+                )
+                rows += model_rows
     write_result("onnx_vs_torch", rows, details)
 
 
