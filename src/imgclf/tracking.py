@@ -142,6 +142,18 @@ def log_metric_history(config: Config, run_id: str, points: list[tuple[str, floa
         mlflow_client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
+def log_data_report(config: Config, run_id: str, report_path: Path) -> None:
+    """The normalize stage's data checks: the report as an artifact, its counts as metrics."""
+    import json
+
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    counts = {f"data.n_{split}": n for split, n in report.get("n_images", {}).items()}
+    counts |= {f"data.duplicates.{pair}": n for pair, n in report.get("duplicates_across_splits", {}).items()}
+    counts["data.bad_files"] = len(report.get("bad_files", []))
+    log_metrics(config, run_id, counts)
+    log_artifacts(config, run_id, [report_path], "data")
+
+
 def log_artifacts(config: Config, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
     mlflow_client = client(config)
     for path in paths:

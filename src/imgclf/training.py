@@ -236,6 +236,7 @@ def train(
     run_id = os.environ.get(RUN_ID_ENV)
     if run_id is None:
         run_id = tracking.start_run(config, tracking.lineage(config, data_dir, raw_dir))
+        tracking.log_data_report(config, run_id, data_dir / "report.json")
         os.environ[RUN_ID_ENV] = run_id
     card["mlflow_run_id"] = run_id
     curves = EpochCurves()

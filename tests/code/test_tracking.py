@@ -75,3 +75,18 @@ def test_start_run_logs_the_whole_flattened_config(config, monkeypatch, tmp_path
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     assert tracking.existing_run(config, run_id) == run_id
     assert tracking.existing_run(config, "0" * 32) is None
+
+
+def test_data_report_reaches_the_run(config, monkeypatch, tmp_path, digits_dirs):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    _, normalized = digits_dirs
+    run_id = tracking.start_run(config, {})
+    tracking.log_data_report(config, run_id, normalized / "report.json")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["data.n_train"] + metrics["data.n_val"] + metrics["data.n_test"] == 1797
+    assert metrics["data.duplicates.train-test"] >= 0
+    assert [a.path for a in client.list_artifacts(run_id, "data")] == ["data/report.json"]
