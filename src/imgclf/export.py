@@ -94,6 +94,7 @@ def input_spec(card: dict) -> dict:
         "dtype": "uint8",
         "shape": ["batch", channels, height, width],
         "mode": "L" if channels == 1 else "RGB",
+        "resize": card.get("resize", "stretch"),
         "layout": "NCHW",
     }
 

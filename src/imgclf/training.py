@@ -181,6 +181,8 @@ def network_card(config: Config, data_dir: Path, input_shape: tuple[int, ...]) -
     return {
         "model": config.model.model_dump(),
         "input_shape": list(input_shape),
+        # How an image of any size becomes input_shape: predict and serve resize uploads this way.
+        "resize": getattr(config.data, "resize", "stretch"),
         "classes": classes,
         "stats": stats,
     }

@@ -46,6 +46,7 @@ def test_graph_signature_is_uint8_in_probabilities_out(exported):
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(metadata["imgclf.classes"]) == CARD["classes"]
     assert json.loads(metadata["imgclf.input"])["shape"] == ["batch", 1, 8, 8]
+    assert json.loads(metadata["imgclf.input"])["resize"] == "stretch"  # how serving sizes uploads
 
 
 @pytest.mark.parametrize("batch", [1, 17, 300])
