@@ -100,18 +100,21 @@ def verifies(path: Path, remote: RemoteFile) -> bool:
     return False
 
 
-def progress(total: int | None, desc: str, initial: int = 0):
-    """A byte progress bar on a terminal; plain, sparse lines otherwise, so CI logs stay readable."""
+def progress(total: int | None, desc: str, initial: int = 0, unit: str = "B"):
+    """A progress bar on a terminal; plain, sparse lines otherwise, so CI logs stay readable.
+
+    unit "B" counts bytes (shown in KiB, MiB...); any other unit counts items, e.g. "images".
+    """
     if not sys.stderr.isatty():
-        return ProgressLines(total, desc, initial)
+        return ProgressLines(total, desc, initial, unit=unit)
     from tqdm import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
-        unit="B",
-        unit_scale=True,
+        unit=unit,
+        unit_scale=unit == "B",
         unit_divisor=1024,
         file=sys.stderr,
         mininterval=0.2,
@@ -120,7 +123,7 @@ def progress(total: int | None, desc: str, initial: int = 0):
 
 
 class ProgressLines:
-    """Download progress as whole lines: when it starts, every `interval` seconds, when it ends.
+    """Progress as whole lines: when it starts, every `interval` seconds, when it ends.
 
     tqdm off a terminal writes carriage returns that logs keep as one ever-growing line.
     """
@@ -132,14 +135,18 @@ class ProgressLines:
         initial: int = 0,
         interval: float = PLAIN_PROGRESS_SECONDS,
         stream: TextIO | None = None,
+        unit: str = "B",
     ):
         self.total, self.desc, self.initial, self.done = total, desc, initial, initial
+        self.unit = unit
         self.interval, self.stream = interval, stream or sys.stderr
         self.started = self.last = time.monotonic()
 
     def __enter__(self) -> "ProgressLines":
-        start = f"resuming at {_size(self.initial)} of" if self.initial else "downloading"
-        self._print(f"{start} {_size(self.total) if self.total is not None else 'unknown size'}")
+        start = f"resuming at {self._amount(self.initial)} of" if self.initial else "downloading"
+        if self.unit != "B":
+            start = f"{self._amount(self.initial)} of" if self.initial else "starting on"
+        self._print(f"{start} {self._amount(self.total) if self.total is not None else 'unknown size'}")
         return self
 
     def update(self, n: int) -> None:
@@ -148,10 +155,10 @@ class ProgressLines:
         if now - self.last >= self.interval:
             self.last = now
             rate = self._rate(now)
-            line = _size(self.done)
+            line = self._amount(self.done)
             if self.total:
-                line += f" of {_size(self.total)} ({100 * self.done / self.total:.0f}%)"
-            line += f", {_size(rate)}/s"
+                line += f" of {self._amount(self.total)} ({100 * self.done / self.total:.0f}%)"
+            line += f", {self._amount(rate)}/s"
             if self.total and rate > 0:
                 line += f", ETA {(self.total - self.done) / rate:.0f} s"
             self._print(line)
@@ -159,10 +166,14 @@ class ProgressLines:
     def __exit__(self, kind, error, traceback) -> None:
         if kind is None:
             now = time.monotonic()
-            self._print(f"{_size(self.done)} done in {now - self.started:.1f} s ({_size(self._rate(now))}/s)")
+            elapsed, rate = now - self.started, self._amount(self._rate(now))
+            self._print(f"{self._amount(self.done)} done in {elapsed:.1f} s ({rate}/s)")
 
     def _rate(self, now: float) -> float:
         return (self.done - self.initial) / max(now - self.started, 1e-6)
+
+    def _amount(self, n: float) -> str:
+        return _size(n) if self.unit == "B" else f"{n:,.0f} {self.unit}"
 
     def _print(self, text: str) -> None:
         print(f"{self.desc}: {text}", file=self.stream, flush=True)
