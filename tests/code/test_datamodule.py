@@ -1,8 +1,13 @@
 import functools
 import operator
 
+import lightning as L
+import pytest
 import torch
+from torch.nn import functional as F
 
+from imgclf.config import AugmentConfig
+from imgclf.data.augment import BatchAugment
 from imgclf.data.datamodule import ImageDataModule, TensorBatches
 
 
@@ -39,3 +44,105 @@ def test_datamodule_serves_the_normalized_splits(digits_dirs):
     assert images.dtype == torch.uint8 and images.shape == (32, 1, 8, 8)
     assert labels.dtype == torch.int64
     assert sum(len(y) for _, y in module.val_dataloader()) == len(module.splits["val"][1])
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+
+def distinct_images(n=64, c=2, h=5, w=6):
+    """Images whose every pixel value is unique within the image (1..255), so a shift is visible."""
+    base = torch.arange(1, c * h * w + 1, dtype=torch.uint8).view(1, c, h, w)
+    return base.repeat(n, 1, 1, 1)
+
+
+def variants(image, padding, hflip):
+    """Every image crop_and_flip may make of `image`."""
+    padded = F.pad(image, (padding,) * 4)
+    h, w = image.shape[-2:]
+    crops = [padded[:, y : y + h, x : x + w] for y in range(2 * padding + 1) for x in range(2 * padding + 1)]
+    return crops + [crop.flip(-1) for crop in crops] if hflip else crops
+
+
+@pytest.mark.parametrize(("padding", "hflip"), [(2, False), (0, True), (1, True)])
+def test_each_augmented_image_is_a_padded_crop_or_its_mirror(padding, hflip):
+    images = distinct_images()
+    out = BatchAugment(AugmentConfig(crop_padding=padding, hflip=hflip), seed=0)(images)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    allowed = variants(images[0], padding, hflip)
+    matches = [[i for i, v in enumerate(allowed) if torch.equal(v, image)] for image in out]
+    assert all(matches)  # each output is one shift (or mirror) of its input, all channels alike
+    assert len({m[0] for m in matches}) > 1  # and 64 draws do not all pick the same one
+
+
+def test_crop_offsets_span_the_whole_padding():
+    images = torch.full((2000, 1, 1, 1), 9, dtype=torch.uint8)
+    out = BatchAugment(AugmentConfig(crop_padding=1), seed=0)(images)
+    # A 1x1 image padded by 1 is a 3x3 window: the pixel survives in 1 of 9 offsets.
+    assert 0.08 < (out == 9).float().mean() < 0.14
+
+
+def test_augmentation_is_seeded_and_new_each_epoch():
+    config = AugmentConfig(crop_padding=2, hflip=True)
+    images = distinct_images()
+    first, second = BatchAugment(config, seed=3), BatchAugment(config, seed=3)
+    epoch1, epoch2 = first(images), first(images)
+    assert torch.equal(epoch1, second(images)) and torch.equal(epoch2, second(images))
+    assert not torch.equal(epoch1, epoch2)
+    assert not torch.equal(epoch1, BatchAugment(config, seed=4)(images))
+
+
+def test_no_augmentation_by_default():
+    images = distinct_images()
+    assert BatchAugment(AugmentConfig(), seed=0)(images) is images
+
+
+class Recorder(L.LightningModule):
+    """Keeps the batches the trainer hands to each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = {"train": [], "val": []}
+
+    def training_step(self, batch, batch_idx):
+        self.seen["train"].append(batch[0].clone())
+        return self.weight.sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.seen["val"].append(batch[0].clone())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_and_record(normalized, augment):
+    module = ImageDataModule(normalized, batch_size=16, seed=5, augment=augment)
+    recorder = Recorder()
+    L.Trainer(
+        max_epochs=2,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(recorder, datamodule=module)
+    return module, recorder.seen
+
+
+def test_only_training_batches_are_augmented_and_runs_repeat(digits_dirs):
+    _, normalized = digits_dirs
+    augment = AugmentConfig(crop_padding=2)
+    module, seen = fit_and_record(normalized, augment)
+    train_images, _ = module.splits["train"]
+    plain = [images for images, _ in TensorBatches(train_images, module.splits["train"][1], 16, True, seed=5)]
+    assert not torch.equal(seen["train"][0], plain[0])
+    allowed = [variants(image, 2, hflip=False) for image in plain[0]]
+    assert all(
+        any(torch.equal(v, image) for v in vs) for vs, image in zip(allowed, seen["train"][0], strict=True)
+    )
+    assert all(torch.equal(val, module.splits["val"][0][:1024]) for val in seen["val"])
+    _, again = fit_and_record(normalized, augment)
+    assert all(torch.equal(a, b) for a, b in zip(seen["train"], again["train"], strict=True))

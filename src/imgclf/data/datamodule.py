@@ -2,6 +2,7 @@
 
 Small images make per-sample `__getitem__` plus collate the bottleneck (up to 100x the data
 time), so a batch here is one fancy-index into a uint8 tensor with a seeded permutation.
+Training batches are augmented after they reach the device (`train.augment`), still as uint8.
 """
 
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from imgclf.config import AugmentConfig
+from imgclf.data.augment import BatchAugment
 from imgclf.data.normalize import load_split
 
 
@@ -49,10 +52,19 @@ class TensorBatches:
 class ImageDataModule(L.LightningDataModule):
     """The normalized splits of data/normalized/, held in memory as uint8 tensors."""
 
-    def __init__(self, data_dir: Path, batch_size: int, seed: int, eval_batch_size: int = 1024):
+    def __init__(
+        self,
+        data_dir: Path,
+        batch_size: int,
+        seed: int,
+        eval_batch_size: int = 1024,
+        augment: AugmentConfig | None = None,
+    ):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.batch_size, self.seed, self.eval_batch_size = batch_size, seed, eval_batch_size
+        self.augment_config = augment or AugmentConfig()
+        self.augment = BatchAugment(self.augment_config, seed)
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -60,6 +72,15 @@ class ImageDataModule(L.LightningDataModule):
             if split not in self.splits:
                 images, labels = load_split(self.data_dir, split)
                 self.splits[split] = (torch.from_numpy(images), torch.from_numpy(labels))
+        if self.trainer is not None and self.trainer.global_rank:
+            # DDP processes draw different variants of their batches.
+            self.augment = BatchAugment(self.augment_config, self.seed + self.trainer.global_rank)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            images, labels = batch
+            return self.augment(images), labels
+        return batch
 
     def train_dataloader(self) -> TensorBatches:
         return TensorBatches(*self.splits["train"], self.batch_size, shuffle=True, seed=self.seed)

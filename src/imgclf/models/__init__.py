@@ -6,14 +6,15 @@ import torch
 from pydantic import TypeAdapter
 from torch import nn
 
-from imgclf.config import CNNConfig, MLPConfig, ModelConfig
+from imgclf.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
 from imgclf.models.cnn import CNN
 from imgclf.models.mlp import MLP
 from imgclf.models.normalization import Normalize
+from imgclf.models.resnet import ResNet
 
 
 def build_model(
-    config: MLPConfig | CNNConfig,
+    config: MLPConfig | CNNConfig | ResNetConfig,
     input_shape: tuple[int, int, int],
     n_classes: int,
     stats: dict[str, list[float]],
@@ -21,8 +22,10 @@ def build_model(
     """`Normalize(stats)` followed by the configured network; outputs logits (N, n_classes)."""
     if isinstance(config, MLPConfig):
         body = MLP(input_shape, config.hidden, n_classes, config.activation, config.dropout)
-    else:
+    elif isinstance(config, CNNConfig):
         body = CNN(input_shape, config.channels, config.hidden, n_classes, config.dropout)
+    else:
+        body = ResNet(input_shape, config.depth, config.width, n_classes)
     return nn.Sequential(Normalize(stats["mean"], stats["std"]), body)
 
 
@@ -42,4 +45,4 @@ def load_checkpoint(path: Path, prefix: str = "net.") -> tuple[dict, nn.Sequenti
     return card, net
 
 
-__all__ = ["CNN", "MLP", "Normalize", "build_from_card", "build_model", "load_checkpoint"]
+__all__ = ["CNN", "MLP", "Normalize", "ResNet", "build_from_card", "build_model", "load_checkpoint"]
