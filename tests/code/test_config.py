@@ -20,7 +20,7 @@ def test_defaults_compose_and_validate():
 
 @pytest.mark.parametrize(
     ("data", "model", "trainer"),
-    list(itertools.product(["digits"], ["mlp", "cnn"], ["cpu", "auto", "ddp"])),
+    list(itertools.product(["digits"], ["mlp", "cnn", "resnet"], ["cpu", "auto", "ddp"])),
 )
 def test_every_group_choice_validates(data, model, trainer):
     overrides = [f"data={data}", f"model={model}", f"trainer={trainer}"]
@@ -48,6 +48,9 @@ def test_flatten_expands_lists_and_keeps_every_key():
         ("+model.depth=3", "unknown key 'model.depth'; allowed here: name, hidden"),
         ("model.activation=gelu", "'relu', 'sigmoid' or 'tanh'"),
         ("trainer.devices=0", "trainer.devices=0"),
+        ("train.augment.crop_padding=-1", "train.augment.crop_padding=-1"),
+        ("+train.augment.vflip=true", "unknown key 'train.augment.vflip'; allowed here: crop_padding, hflip"),
+        ("+experiment=mnist_cnn", "Multiple values for experiment"),
     ],
 )
 def test_bad_overrides_name_the_key(override, expected):
@@ -99,3 +102,62 @@ def test_bad_override_exits_2_and_leaves_params_yaml_alone(workspace):
         assert "Traceback" not in done.stderr
     assert (workspace / "params.yaml").read_bytes() == before
     assert sorted(p.name for p in workspace.iterdir()) == ["conf", "params.yaml"]
+
+
+@pytest.mark.parametrize("data", ["mnist", "fashion_mnist", "cifar10"])
+def test_published_data_sets_have_mirrors_and_a_source(data):
+    from imgclf.data.sources import get_source
+
+    config = validate(compose([f"data={data}"], REPO / "conf"))
+    assert config.data.mirrors and all(m.startswith(("https://", "http://")) for m in config.data.mirrors)
+    assert get_source(data).name == data
+
+
+# --- recipes: conf/experiment/ ------------------------------------------------------------------
+
+RECIPES = {
+    "mnist_cnn": ("mnist", "cnn"),
+    "fashion_mnist_cnn": ("fashion_mnist", "cnn"),
+    "cifar10_resnet": ("cifar10", "resnet"),
+}
+
+
+def test_every_recipe_is_tested():
+    assert sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")) == sorted(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_composes_without_plus_and_sets_its_data_model_and_training(recipe):
+    raw = compose([f"experiment={recipe}"], REPO / "conf")
+    config = validate(raw)
+    assert (config.data.name, config.model.name) == RECIPES[recipe]
+    assert "experiment" not in raw  # a recipe is a choice of values, not a key of params.yaml
+    defaults = validate(compose([], REPO / "conf"))
+    assert config.train.max_epochs != defaults.train.max_epochs  # the recipe wins over config.yaml
+    assert config.train.augment.crop_padding > 0
+    assert config.train.augment.hflip == (config.data.name != "mnist")  # a mirrored digit is no digit
+
+
+def test_command_line_overrides_win_over_a_recipe():
+    config = validate(
+        compose(["experiment=mnist_cnn", "train.max_epochs=1", "model.channels=[8]"], REPO / "conf")
+    )
+    assert (config.train.max_epochs, config.model.channels) == (1, [8])
+    assert config.train.lr == 0.003  # the rest of the recipe stays
+
+
+def test_params_command_records_a_recipe_and_check_follows_it(workspace):
+    done = imgclf(workspace, "params", "experiment=mnist_cnn")
+    assert done.returncode == 0, done.stderr
+    text = (workspace / "params.yaml").read_text()
+    assert '# overrides: ["experiment=mnist_cnn"]' in text
+    params = yaml.safe_load(text)
+    assert "experiment" not in params
+    assert (params["data"]["name"], params["model"]["channels"]) == ("mnist", [16, 32])
+    assert imgclf(workspace, "params", "--check").returncode == 0
+
+    recipe = workspace / "conf" / "experiment" / "mnist_cnn.yaml"
+    recipe.write_text(recipe.read_text().replace("max_epochs: 5", "max_epochs: 6"))
+    done = imgclf(workspace, "params", "--check")
+    assert done.returncode == 2
+    assert "train.max_epochs" in done.stderr
