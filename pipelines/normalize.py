@@ -11,8 +11,10 @@ def main() -> None:
     config = load_params()
     raw_dir = Path("data/raw") / config.data.name
     report = normalize(config.data, config.seed, raw_dir, Path("data/normalized"))
+    bad = f", {len(report['bad_files'])} bad files skipped (see report.json)" if report["bad_files"] else ""
     print(
-        f"normalize: {report['n_images']} images, cross-split duplicates {report['duplicates_across_splits']}"
+        f"normalize: {report['n_images']} images, cross-split duplicates "
+        f"{report['duplicates_across_splits']}{bad}"
     )
 
 

@@ -54,7 +54,8 @@ class ImageFolderData(DataConfig):
     name: Literal["imagefolder"]
     path: str | None = None
     url: str | None = None
-    sha256: str | None = None  # of the archive at `url`; None trusts the download as is
+    # of the archive at `url`: verified, then cached; None trusts the download as is, uncached
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None
     image_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] = [64, 64]  # H, W
     mode: Literal["L", "RGB"] = "RGB"
     resize: Literal["stretch", "crop"] = "crop"  # crop: shorter side to size, then centre crop

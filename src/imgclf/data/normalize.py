@@ -5,20 +5,85 @@ Layout of data/normalized/:
     <split>/labels.npy   int64 (N,)
     stats.json           per-channel mean and std of the train split, in pixel units (0..255)
     classes.json         class names, index = label
-    report.json          data checks: counts per split and class, value range, cross-split duplicates
+    report.json          data checks: counts per split and class, value range, cross-split
+                         duplicates, what the source images were (modes, sizes), the bad files
+
+Images stream through in chunks: each split is gathered, hashed, measured and written into its
+preallocated .npy a chunk at a time, so memory stays flat however large the data set. A published
+source's `read` gives arrays in memory; an image folder is decoded into a file first
+(imgclf.data.imagefolder.decode_folder) and read back through a memmap.
 """
 
 import hashlib
+import math
+import tempfile
+from collections.abc import Iterator
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
-from imgclf.config import DataConfig
+from imgclf.config import DataConfig, ImageFolderData
 from imgclf.data.sources import RawDataset, get_source
+from imgclf.errors import ImgclfError
 from imgclf.fileio import atomic_dir, read_json, save_array, write_json
 
 SPLITS = ("train", "val", "test")
+CHUNK = 2048  # images in memory at once per split: 25 MB of 64x64 RGB
+MODES = {1: "L", 3: "RGB"}  # what a published source's channel count means
+
+
+def normalize(config: DataConfig, seed: int, raw_dir: Path, out_dir: Path) -> dict[str, object]:
+    """Read raw_dir with the configured source and write out_dir atomically; return the report."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Scratch beside the output: decoded pixels are as large as the output, so not in /tmp.
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.scratch.", dir=out_dir.parent) as scratch:
+        raw, source, bad_files = load_source(config, raw_dir, Path(scratch))
+        indices = split_indices(raw, config, seed)
+        class_counts = {split: count_classes(raw, idx) for split, idx in indices.items()}
+        check_class_counts(class_counts, config.min_class_count)
+        with atomic_dir(out_dir) as tmp:
+            stats = ChannelStats()
+            written = {
+                split: write_split(raw, idx, tmp / split, stats if split == "train" else None)
+                for split, idx in indices.items()
+            }
+            pairs = combinations(SPLITS, 2)
+            leaks = {f"{a}-{b}": len(written[a].hashes & written[b].hashes) for a, b in pairs}
+            report = {
+                "n_images": {split: len(idx) for split, idx in indices.items()},
+                "class_counts": class_counts,
+                "shape": list(raw.images.shape[1:]),
+                "value_range": {split: [w.low, w.high] for split, w in written.items()},
+                "duplicates_across_splits": leaks,
+                "min_class_count": config.min_class_count,
+                "source": source,
+                "bad_files": bad_files,
+            }
+            write_json(tmp / "stats.json", stats.result())
+            write_json(tmp / "classes.json", raw.classes)
+            write_json(tmp / "report.json", report)
+    return report
+
+
+def load_source(config: DataConfig, raw_dir: Path, scratch: Path) -> tuple[RawDataset, dict, list[dict]]:
+    """The raw data set, what its images were (modes and sizes) and the files that were bad."""
+    if isinstance(config, ImageFolderData):
+        from imgclf.data.imagefolder import decode_folder
+
+        folder = decode_folder(config, raw_dir, scratch)
+        source = source_summary(folder.modes, folder.widths, folder.heights) | {"files": folder.files}
+        return folder.raw, source, folder.bad_files
+    raw = get_source(config.name).read(raw_dir)
+    n, channels, height, width = raw.images.shape
+    return raw, source_summary({MODES[channels]: n}, np.full(n, width), np.full(n, height)), []
+
+
+def source_summary(modes: dict[str, int], widths: np.ndarray, heights: np.ndarray) -> dict:
+    def spread(values: np.ndarray) -> dict[str, float]:
+        return {"min": int(values.min()), "median": float(np.median(values)), "max": int(values.max())}
+
+    return {"images": len(widths), "modes": modes, "width": spread(widths), "height": spread(heights)}
 
 
 def split_indices(raw: RawDataset, config: DataConfig, seed: int) -> dict[str, np.ndarray]:
@@ -26,61 +91,130 @@ def split_indices(raw: RawDataset, config: DataConfig, seed: int) -> dict[str, n
     from sklearn.model_selection import train_test_split  # 1.5 s to import: only where needed
 
     everything = np.arange(len(raw.labels))
-    if raw.official_test is not None:
-        test = everything[raw.official_test]
-        rest = everything[~raw.official_test]
-        val_share = config.val_fraction
-    else:
-        rest, test = train_test_split(
-            everything, test_size=config.test_fraction, stratify=raw.labels, random_state=seed
-        )
-        val_share = config.val_fraction / (1 - config.test_fraction)
-    train, val = train_test_split(rest, test_size=val_share, stratify=raw.labels[rest], random_state=seed)
+    try:
+        if raw.official_test is not None:
+            test = everything[raw.official_test]
+            rest = everything[~raw.official_test]
+            val_share = config.val_fraction
+        else:
+            rest, test = train_test_split(
+                everything, test_size=config.test_fraction, stratify=raw.labels, random_state=seed
+            )
+            val_share = config.val_fraction / (1 - config.test_fraction)
+        train, val = train_test_split(rest, test_size=val_share, stratify=raw.labels[rest], random_state=seed)
+    except ValueError as error:  # too few images in a class to stratify
+        totals = np.bincount(raw.labels, minlength=len(raw.classes))
+        fewest = ", ".join(f"{raw.classes[c]!r} {totals[c]}" for c in np.argsort(totals, kind="stable")[:3])
+        raise ImgclfError(
+            f"cannot split {len(raw.labels)} images into train/val/test by class ({error}); "
+            f"fewest images: {fewest}"
+        ) from None
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def count_classes(raw: RawDataset, idx: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(raw.labels[idx], minlength=len(raw.classes)).tolist()
+    return dict(zip(raw.classes, counts, strict=True))
+
+
+def check_class_counts(counts: dict[str, dict[str, int]], minimum: int) -> None:
+    """ImgclfError naming every class with fewer than `minimum` images in some split."""
+    classes = next(iter(counts.values()))
+    short = [c for c in classes if any(counts[split][c] < minimum for split in counts)]
+    if not short:
+        return
+    described = [f"{c!r} ({', '.join(f'{s} {counts[s][c]}' for s in counts)})" for c in short[:5]]
+    more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+    raise ImgclfError(
+        f"{len(short)} class(es) have fewer than data.min_class_count={minimum} images in a split: "
+        f"{'; '.join(described)}{more}; add images to them or lower data.min_class_count"
+    )
+
+
+class ChannelStats:
+    """Per-channel mean and std over chunks of uint8 (N, C, H, W), in exact integer sums."""
+
+    def __init__(self):
+        self.count, self.sums, self.squares = 0, None, None
+
+    def update(self, images: np.ndarray) -> None:
+        n, channels, height, width = images.shape
+        if self.sums is None:
+            self.sums, self.squares = [0] * channels, [0] * channels
+        self.count += n * height * width
+        for c in range(channels):
+            plane = images[:, c]
+            self.sums[c] += int(plane.sum(dtype=np.uint64))
+            squared = plane.astype(np.uint16)  # 255² fits: 2 bytes a pixel, not float64's 8
+            squared *= squared
+            self.squares[c] += int(squared.sum(dtype=np.uint64))
+
+    def result(self) -> dict[str, list[float]]:
+        n = self.count
+        mean = [s / n for s in self.sums]
+        # Variance from exact integers: no float cancellation however many pixels there are.
+        std = [math.sqrt((q * n - s * s) / (n * n)) for s, q in zip(self.sums, self.squares, strict=True)]
+        return {"mean": [round(m, 6) for m in mean], "std": [round(s, 6) for s in std]}
 
 
 def channel_stats(images: np.ndarray) -> dict[str, list[float]]:
     """Per-channel mean and std of uint8 (N, C, H, W) images, in pixel units."""
-    pixels = images.astype(np.float64)
-    mean = pixels.mean(axis=(0, 2, 3))
-    std = pixels.std(axis=(0, 2, 3))
-    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+    stats = ChannelStats()
+    for start in range(0, len(images), CHUNK):
+        stats.update(np.asarray(images[start : start + CHUNK]))
+    return stats.result()
 
 
 def image_hashes(images: np.ndarray) -> list[str]:
     return [hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() for image in images]
 
 
-def data_report(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> dict[str, object]:
-    """Checks a user should see before training: balance, value range and leakage."""
-    hashes = {name: set(image_hashes(images)) for name, (images, _) in splits.items()}
-    leaks = {f"{a}-{b}": len(hashes[a] & hashes[b]) for a, b in combinations(splits, 2)}
-    return {
-        "n_images": {name: len(labels) for name, (_, labels) in splits.items()},
-        "class_counts": {
-            name: {classes[c]: int(n) for c, n in enumerate(np.bincount(labels, minlength=len(classes)))}
-            for name, (_, labels) in splits.items()
-        },
-        "shape": list(next(iter(splits.values()))[0].shape[1:]),
-        "value_range": {name: [int(images.min()), int(images.max())] for name, (images, _) in splits.items()},
-        "duplicates_across_splits": leaks,
-    }
+class WrittenSplit:
+    """What writing a split learned on the way: pixel hashes and value range."""
+
+    def __init__(self):
+        self.hashes: set[str] = set()
+        self.low, self.high = 255, 0
+
+    def update(self, images: np.ndarray) -> None:
+        self.hashes.update(image_hashes(images))
+        self.low, self.high = min(self.low, int(images.min())), max(self.high, int(images.max()))
 
 
-def normalize(config: DataConfig, seed: int, raw_dir: Path, out_dir: Path) -> dict[str, object]:
-    """Read raw_dir with the configured source and write out_dir atomically; return the report."""
-    raw = get_source(config.name).read(raw_dir)
-    indices = split_indices(raw, config, seed)
-    splits = {name: (raw.images[idx], raw.labels[idx]) for name, idx in indices.items()}
-    report = data_report(splits, raw.classes)
-    with atomic_dir(out_dir) as tmp:
-        for name, (images, labels) in splits.items():
-            save_array(tmp / name / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
-            save_array(tmp / name / "labels.npy", labels.astype(np.int64))
-        write_json(tmp / "stats.json", channel_stats(splits["train"][0]))
-        write_json(tmp / "classes.json", raw.classes)
-        write_json(tmp / "report.json", report)
-    return report
+def write_split(raw: RawDataset, idx: np.ndarray, folder: Path, stats: ChannelStats | None) -> WrittenSplit:
+    """raw's images and labels at `idx` into folder/images.npy and labels.npy, a chunk at a time."""
+    folder.mkdir()
+    path = folder / "images.npy"
+    # open_memmap writes the .npy header and sizes the file; rows then go in by plain writes, as
+    # pages written through a mapping stay in this process's RSS until it is unmapped.
+    shape = (len(idx), *raw.images.shape[1:])
+    header = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    offset = header.offset
+    del header
+    written = WrittenSplit()
+    with path.open("r+b") as f:
+        f.seek(offset)
+        for rows in gather(raw.images, idx):
+            f.write(rows.data)
+            written.update(rows)
+            if stats is not None:
+                stats.update(rows)
+    save_array(folder / "labels.npy", raw.labels[idx].astype(np.int64))
+    return written
+
+
+def gather(images: np.ndarray, idx: np.ndarray) -> Iterator[np.ndarray]:
+    """images[idx] as C-contiguous uint8 chunks of CHUNK images.
+
+    A memmap (as decode_folder returns: the whole file) is mapped afresh for each chunk and let go
+    after it, so only one chunk's pages are ever resident in this process.
+    """
+    for start in range(0, len(idx), CHUNK):
+        source = images
+        if isinstance(images, np.memmap):
+            source = np.memmap(images.filename, images.dtype, "r", images.offset, images.shape)
+        yield np.ascontiguousarray(source[idx[start : start + CHUNK]], dtype=np.uint8)
+        del source
 
 
 def load_split(data_dir: Path, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:

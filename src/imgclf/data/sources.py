@@ -240,3 +240,6 @@ CIFAR10_FILES = {
     )
 }
 register("cifar10", read=read_cifar10)(files_fetcher(CIFAR10_FILES))
+
+# Sources with a module of their own register themselves when imported.
+import imgclf.data.imagefolder  # noqa: E402, F401
