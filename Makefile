@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP_VERSION := 26.3
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lint format ui bench clean
+.PHONY: install run test lint format ui bench clean browser-deps
 
 install: $(VENV)/.installed
 
@@ -31,8 +31,18 @@ format: install
 	ruff check --fix .
 	ruff format .
 
-test: lint
+test: lint browser-deps
 	pytest
+
+# The web page's browser test drives Debian's chromium and chromedriver (no download at test time).
+# Installed once; a machine without apt-get gets a hint, and the test skips there (fails on CI).
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "browser-deps: install chromium and chromedriver for the web page's browser test"; fi
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
