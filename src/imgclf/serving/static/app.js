@@ -1,0 +1,310 @@
+// The imgclf web page: show the served model, classify an uploaded or drawn image.
+// Plain browser JavaScript, no build step and nothing fetched from elsewhere, so it works offline.
+"use strict";
+
+const TOP_K = 5;
+const TOKEN_KEY = "imgclf.token";
+// Relative URLs, so the page also works when a proxy serves it under a path prefix.
+const MODEL_URL = "v1/model";
+const PREDICT_URL = "v1/predict";
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  source: null, // "file" or "canvas": what Predict sends
+  file: null,
+  modelLoaded: false,
+  request: 0, // increases per prediction; an older answer arriving late is dropped
+  retry: null, // the prediction to run again once a token is given
+};
+
+class AuthRequired extends Error {}
+
+// ---- HTTP -------------------------------------------------------------------------------
+
+async function api(url, options = {}) {
+  const headers = new Headers(options.headers);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  const response = await fetch(url, { ...options, headers });
+  const body = await response.json().catch(() => null);
+  if (response.status === 401) {
+    showAuth(token ? "The token was refused; enter another." : errorText(response, body));
+    throw new AuthRequired();
+  }
+  if (!response.ok) throw new Error(errorText(response, body));
+  return body;
+}
+
+// FastAPI says why in `detail`: a string, or a list of validation errors.
+function errorText(response, body) {
+  const detail = body && body.detail;
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) return detail.map((d) => d.msg || JSON.stringify(d)).join("; ");
+  return `The server answered ${response.status} ${response.statusText}`.trim();
+}
+
+// ---- Model card -------------------------------------------------------------------------
+
+async function loadModel() {
+  try {
+    showModel(await api(MODEL_URL));
+    state.modelLoaded = true;
+  } catch (error) {
+    if (error instanceof AuthRequired) {
+      $("model-name").textContent = "token needed";
+    } else {
+      $("model-name").textContent = "unavailable";
+      showError(`Could not load the model: ${error.message}`);
+    }
+  }
+}
+
+function showModel(card) {
+  const name = card.name || "unnamed model";
+  $("model-name").textContent = name;
+  $("model-version").textContent = describeVersion(card);
+  $("model-input").textContent = describeInput(card.input);
+  $("model-classes").textContent = describeClasses(card.classes);
+  document.title = `imgclf · ${name}`;
+}
+
+// A registry version with its alias ("3 @champion"), or whatever the server calls the version.
+function describeVersion(card) {
+  if (card.version == null) return "—";
+  const alias = card.registry && card.registry.alias;
+  return alias ? `${card.version} @${alias}` : String(card.version);
+}
+
+function describeInput(input) {
+  if (!input) return "—";
+  const shape = Array.isArray(input.shape) ? input.shape : [];
+  const [height, width] = input.size || shape.slice(-2);
+  const mode = { L: "greyscale", RGB: "colour" }[input.mode] || input.mode || "";
+  return [height && width ? `${width}×${height}` : "", mode].filter(Boolean).join(" ") || "—";
+}
+
+function describeClasses(classes) {
+  if (!Array.isArray(classes) || classes.length === 0) return "—";
+  const shown = 20;
+  if (classes.length <= shown) return classes.join(", ");
+  return `${classes.slice(0, shown).join(", ")}, … (${classes.length} in all)`;
+}
+
+// ---- Token ------------------------------------------------------------------------------
+
+function showAuth(message) {
+  $("auth-message").textContent = message;
+  $("auth").hidden = false;
+  $("token").focus();
+}
+
+function saveToken(event) {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  $("auth").hidden = true;
+  if (!state.modelLoaded) loadModel();
+  const retry = state.retry;
+  state.retry = null;
+  if (retry) retry();
+}
+
+// ---- Choosing what to classify ----------------------------------------------------------
+
+function useSource(source) {
+  state.source = source;
+  for (const panel of document.querySelectorAll(".panel")) {
+    panel.classList.toggle("active", panel.dataset.source === source);
+  }
+  $("predict").disabled = source === null;
+  $("source").textContent = {
+    file: state.file ? `Will classify ${state.file.name}.` : "",
+    canvas: "Will classify the drawing.",
+  }[source] || "Choose or draw an image first.";
+}
+
+function chooseFile(file) {
+  if (!file) return;
+  state.file = file;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("drop-text").hidden = true;
+  useSource("file");
+}
+
+function setUpUpload() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (event) => chooseFile(event.target.files[0]));
+  drop.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    chooseFile(event.dataTransfer.files[0]);
+  });
+}
+
+// ---- Drawing: light strokes on a dark ground, as in digit data sets ----------------------
+
+function setUpCanvas() {
+  const canvas = $("canvas");
+  const context = canvas.getContext("2d");
+  let last = null;
+
+  const clear = () => {
+    context.fillStyle = "#000";
+    context.fillRect(0, 0, canvas.width, canvas.height);
+  };
+  // Pointer position in canvas pixels; the canvas may be displayed smaller than it is.
+  const at = (event) => {
+    const box = canvas.getBoundingClientRect();
+    return {
+      x: ((event.clientX - box.left) * canvas.width) / box.width,
+      y: ((event.clientY - box.top) * canvas.height) / box.height,
+    };
+  };
+  const line = (from, to) => {
+    context.beginPath();
+    context.moveTo(from.x, from.y);
+    context.lineTo(to.x, to.y);
+    context.stroke();
+  };
+
+  clear();
+  context.strokeStyle = "#fff";
+  // About a tenth of the side: a pen stroke's share of the frame in MNIST-like digits.
+  context.lineWidth = canvas.width / 10;
+  context.lineCap = "round";
+  context.lineJoin = "round";
+
+  // Pointer events cover mouse, pen and touch; CSS touch-action stops touch from scrolling.
+  canvas.addEventListener("pointerdown", (event) => {
+    event.preventDefault();
+    canvas.setPointerCapture(event.pointerId);
+    last = at(event);
+    line(last, last); // a tap leaves a dot
+    useSource("canvas");
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!last) return;
+    const point = at(event);
+    line(last, point);
+    last = point;
+  });
+  const end = () => {
+    if (!last) return;
+    last = null;
+    if ($("live").checked) predict();
+  };
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", end);
+
+  $("clear").addEventListener("click", () => {
+    clear();
+    if (state.source === "canvas") useSource(state.file ? "file" : null);
+  });
+}
+
+function canvasImage() {
+  return new Promise((resolve) => $("canvas").toBlob(resolve, "image/png"));
+}
+
+// ---- Prediction -------------------------------------------------------------------------
+
+async function predict() {
+  if (!state.source) return;
+  const request = ++state.request;
+  const form = new FormData();
+  if (state.source === "file") form.append("file", state.file, state.file.name);
+  else form.append("file", await canvasImage(), "drawing.png");
+
+  $("result").setAttribute("aria-busy", "true");
+  const started = performance.now();
+  try {
+    const body = await api(PREDICT_URL, { method: "POST", body: form });
+    if (request !== state.request) return;
+    const prediction = body && Array.isArray(body.predictions) ? body.predictions[0] : null;
+    if (!prediction) throw new Error("The server's answer held no prediction");
+    hideError();
+    showPrediction(prediction, performance.now() - started);
+  } catch (error) {
+    if (request !== state.request) return;
+    if (error instanceof AuthRequired) state.retry = predict;
+    else showError(error.message);
+  } finally {
+    if (request === state.request) $("result").removeAttribute("aria-busy");
+  }
+}
+
+function showPrediction(prediction, milliseconds) {
+  const ranked = Object.entries(prediction.probabilities || {})
+    .sort((a, b) => b[1] - a[1])
+    .slice(0, TOP_K);
+  const top = ranked.find(([label]) => label === String(prediction.label));
+
+  $("label").textContent = prediction.label;
+  $("confidence").textContent = top ? percent(top[1]) : "";
+  $("bars").replaceChildren(...ranked.map(([label, p]) => bar(label, p, label === top?.[0])));
+  $("timing").textContent = `Answered in ${Math.round(milliseconds)} ms.`;
+  $("result").hidden = false;
+}
+
+function bar(label, probability, isBest) {
+  const item = document.createElement("li");
+  item.className = isBest ? "bar best" : "bar";
+  item.dataset.label = label;
+  item.dataset.probability = String(probability);
+
+  const name = document.createElement("span");
+  name.className = "bar-label";
+  name.textContent = label;
+
+  const track = document.createElement("span");
+  track.className = "bar-track";
+  const fill = document.createElement("span");
+  fill.className = "bar-fill";
+  fill.style.width = `${Math.max(0, Math.min(1, probability)) * 100}%`;
+  track.append(fill);
+
+  const value = document.createElement("span");
+  value.className = "bar-value";
+  value.textContent = percent(probability);
+
+  item.append(name, track, value);
+  return item;
+}
+
+function percent(p) {
+  const value = p * 100;
+  return `${value >= 99.95 || value < 0.05 ? value.toFixed(0) : value.toFixed(1)}%`;
+}
+
+// ---- Messages ---------------------------------------------------------------------------
+
+// An error replaces the last result, which belonged to another image.
+function showError(message) {
+  $("result").hidden = true;
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function hideError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+// ---- Start ------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  setUpUpload();
+  setUpCanvas();
+  $("predict").addEventListener("click", predict);
+  $("auth").addEventListener("submit", saveToken);
+  loadModel();
+});
