@@ -1,0 +1,153 @@
+"""The HTTP API and web page of `imgclf serve` (FastAPI).
+
+Routes: GET / (the web page, static/), GET /health, GET /v1/model, POST /v1/predict, GET /metrics,
+and FastAPI's /docs. With a token, /v1/* need `Authorization: Bearer <token>`; the page, /health,
+/metrics and the docs stay open so a browser can load the page and a prober can check liveness.
+
+Every answer to bad input is a 4xx with a JSON `detail`; an unexpected failure is a 500 with a
+JSON `detail` and no traceback (the traceback goes to the server's log).
+"""
+
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, Request, Security, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.types import ASGIApp
+
+from imgclf import __version__
+from imgclf.images import BadImage
+from imgclf.serving.limits import RequestGuard
+from imgclf.serving.metrics import Metrics, MetricsMiddleware
+from imgclf.serving.model import ServedModel
+from imgclf.serving.predict import prediction
+
+STATIC_DIR = Path(__file__).parent / "static"
+MIB = 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 10 * MIB
+MAX_FILES = 64  # per request: each may decode up to max_pixels, so the work per request is bounded
+PART_TYPES = ("application/octet-stream", "")  # besides image/*: what clients send when unsure
+log = logging.getLogger("imgclf.serving")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ModelCard(BaseModel):
+    """The served model. The web page reads name, version, classes, input and registry."""
+
+    name: str
+    version: str
+    source: str
+    sha256: str
+    classes: list[str]
+    input: dict
+    normalization: dict
+    lineage: dict
+    registry: dict | None
+
+
+class Prediction(BaseModel):
+    file: str
+    label: str
+    index: int
+    probabilities: dict[str, float]
+
+
+class Predictions(BaseModel):
+    predictions: list[Prediction]
+
+
+class ErrorDetail(BaseModel):
+    detail: str | list
+
+
+ERRORS = {
+    400: {"model": ErrorDetail, "description": "not an image, truncated, or too many pixels"},
+    401: {"model": ErrorDetail, "description": "a token is set and the request lacks it"},
+    413: {"model": ErrorDetail, "description": "request body over the limit"},
+    415: {"model": ErrorDetail, "description": "not multipart/form-data, or a part that is not an image"},
+}
+
+
+def create_app(
+    model: ServedModel, token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> ASGIApp:
+    """The ASGI app: metrics around the request guard around the FastAPI routes."""
+    metrics = Metrics(model.name, model.version)
+    api = FastAPI(
+        title="imgclf",
+        version=__version__,
+        description=f"Image classifier `{model.name}` version `{model.version}`.",
+        max_body_size=max_body_bytes,
+        form_limits={"max_files": MAX_FILES, "max_fields": MAX_FILES},
+    )
+    # Documents the token in /docs ("Authorize"); RequestGuard enforces it before the body is read.
+    secured = [Security(HTTPBearer(auto_error=False))] if token else []
+
+    @api.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    @api.get("/health", response_model=Health, tags=["service"])
+    def health() -> dict:
+        """Liveness: the model is loaded (it is loaded before the server starts listening)."""
+        return {"status": "ok"}
+
+    @api.get("/v1/model", response_model=ModelCard, dependencies=secured, responses=ERRORS, tags=["model"])
+    def model_card() -> dict:
+        """Classes, input spec, version and lineage of the served model."""
+        return model.describe()
+
+    @api.post(
+        "/v1/predict", response_model=Predictions, dependencies=secured, responses=ERRORS, tags=["model"]
+    )
+    def predict(
+        file: Annotated[list[UploadFile], File(description="one or more image files (PNG, JPEG, ...)")],
+        top_k: Annotated[int | None, Query(ge=1, description="only the K most probable classes")] = None,
+    ) -> dict:
+        """Classify one or more images sent as multipart field `file`.
+
+        A plain `def`: FastAPI runs it in its thread pool, so decoding and inference never block
+        the event loop (ONNX Runtime releases the GIL while it runs).
+        """
+        names = [upload.filename or "" for upload in file]
+        images = [_decode(model, upload, name) for upload, name in zip(file, names, strict=True)]
+        probabilities = model.predict(np.stack(images))
+        answers = [prediction(n, p, model.classes, top_k) for n, p in zip(names, probabilities, strict=True)]
+        for answer in answers:
+            metrics.predictions.labels(answer["label"]).inc()
+        return {"predictions": answers}
+
+    @api.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @api.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        index = STATIC_DIR / "index.html"
+        if not index.is_file():
+            raise HTTPException(404, "the web page is not installed (no static/index.html)")
+        return FileResponse(index)
+
+    api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    guarded = RequestGuard(api, max_body_bytes=max_body_bytes, token=token)
+    return MetricsMiddleware(guarded, metrics, frozenset(route.path for route in api.routes))
+
+
+def _decode(model: ServedModel, upload: UploadFile, name: str) -> np.ndarray:
+    media_type = (upload.content_type or "").split(";")[0].strip().lower()
+    if not media_type.startswith("image/") and media_type not in PART_TYPES:
+        raise HTTPException(415, f"file {name!r}: content type {media_type!r} is not an image type")
+    try:
+        return model.preprocess(upload.file.read())
+    except BadImage as error:
+        raise HTTPException(400, f"file {name!r}: {error}") from None

@@ -1,0 +1,90 @@
+"""Prometheus metrics of the HTTP API: requests by route and status, latency, predictions per class.
+
+Each app has its own registry, so apps built side by side (tests) do not share counters. Routes
+are labelled by their template ("/v1/predict"), never by the raw path: a scanner probing random
+URLs must not create a time series per URL.
+"""
+
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Latency buckets for a model that answers in about a millisecond, up to slow uploads.
+BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class Metrics:
+    def __init__(self, name: str, version: str):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "imgclf_http_requests",
+            "HTTP requests by route, method and status code",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "imgclf_http_request_duration_seconds",
+            "Time from the request's arrival to the end of its response",
+            ["route"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "imgclf_predictions", "Predicted images by predicted class", ["label"], registry=self.registry
+        )
+        info = Gauge(
+            "imgclf_model_info", "The served model (always 1)", ["name", "version"], registry=self.registry
+        )
+        info.labels(name, version).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Outermost ASGI layer: counts and times every HTTP response, whoever produced it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str] = frozenset()):
+        self.app = app
+        self.metrics = metrics
+        self.paths = paths  # the app's route templates, for requests refused before routing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app fails before it answers
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = route_label(scope, self.paths)
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def route_label(scope: Scope, paths: frozenset[str]) -> str:
+    """The matched route's template (FastAPI leaves the route in the shared scope), else "other"."""
+    route = scope.get("route")
+    if route is not None and hasattr(route, "path"):
+        return route.path
+    if scope["path"] in paths:  # none has path parameters, so the path is the template
+        return scope["path"]
+    if scope["path"].startswith("/static/"):
+        return "/static"
+    return "other"

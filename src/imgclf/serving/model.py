@@ -1,0 +1,263 @@
+"""A model as served: the ONNX file and what it says about itself (classes, input spec, lineage).
+
+MODEL is a path to an `.onnx` file (its sidecar `<stem>.json` beside it, when present, adds the
+name and lineage) or a registry URI `models:/<name>@<alias>` / `models:/<name>/<version>`.
+Everything needed to use the file comes from its own metadata, written by the export stage, so
+nothing here is specific to a data set. One ONNX Runtime session is created and shared: its
+`run` is thread-safe and releases the GIL.
+"""
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from imgclf.errors import ConfigError
+from imgclf.images import ImageSpec, decode_image
+
+# 40 megapixels: a large phone photo decodes, a decompression bomb is refused from its header.
+DEFAULT_MAX_PIXELS = 40_000_000
+REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))")
+METADATA_KEYS = ("imgclf.classes", "imgclf.input")
+# What ONNX Runtime raises for a file it cannot load (they derive from Exception, not one base).
+LOAD_ERRORS = (
+    ort_errors.Fail,
+    ort_errors.InvalidArgument,
+    ort_errors.InvalidGraph,
+    ort_errors.InvalidProtobuf,
+    ort_errors.NoModel,
+    ort_errors.NotImplemented,
+    ort_errors.RuntimeException,
+)
+
+
+class ModelError(ConfigError):
+    """MODEL is not a usable imgclf model: missing, not ONNX, or without the export's metadata."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    session: ort.InferenceSession
+    name: str
+    version: str  # the registry version, or "sha256:<first 12 hex digits>" of the file
+    source: str  # MODEL as given
+    sha256: str
+    classes: tuple[str, ...]
+    spec: ImageSpec
+    input: dict  # the export's input spec: name, dtype, shape, mode, resize, layout
+    normalization: dict
+    lineage: dict
+    registry: dict | None
+    max_pixels: int
+    input_name: str
+    output_name: str
+
+    @classmethod
+    def load(cls, model: str, threads: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> "ServedModel":
+        """Load MODEL (a path or a models:/ URI); ModelError in one line if it cannot be served."""
+        if model.startswith("models:/"):
+            return _load_registered(model, threads, max_pixels)
+        path = Path(model)
+        try:
+            model_bytes = path.read_bytes()
+        except OSError as error:
+            raise ModelError(f"model {model!r}: cannot read it: {error.strerror or error}") from None
+        sidecar = _read_sidecar(path.with_suffix(".json")) if path.suffix == ".onnx" else None
+        return from_bytes(model_bytes, model, sidecar, None, threads, max_pixels, default_name=path.stem)
+
+    def preprocess(self, data: bytes | str | os.PathLike) -> np.ndarray:
+        """An image file (bytes or path) -> uint8 (C, H, W) for this model; BadImage if it cannot be."""
+        return decode_image(data, self.spec, self.max_pixels)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, C, H, W) -> float32 probabilities (N, classes)."""
+        return self.session.run([self.output_name], {self.input_name: images})[0]
+
+    def describe(self) -> dict:
+        """What GET /v1/model answers; these keys are the web page's contract."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "source": self.source,
+            "sha256": self.sha256,
+            "classes": list(self.classes),
+            "input": self.input,
+            "normalization": self.normalization,
+            "lineage": self.lineage,
+            "registry": self.registry,
+        }
+
+
+def from_bytes(
+    model_bytes: bytes,
+    source: str,
+    sidecar: dict | None,
+    registry: dict | None,
+    threads: int,
+    max_pixels: int,
+    default_name: str,
+) -> ServedModel:
+    session = _session(model_bytes, source, threads)
+    metadata = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ModelError(
+            f"model {source!r}: not an imgclf model, its ONNX metadata lacks {', '.join(missing)} "
+            "(export it with the pipeline's export stage)"
+        )
+    try:
+        classes = json.loads(metadata["imgclf.classes"])
+        input_spec = json.loads(metadata["imgclf.input"])
+        normalization = json.loads(metadata.get("imgclf.normalization", "{}"))
+        _channels, height, width = input_spec["shape"][1:]
+        # Files exported before the resize policy was recorded were all made with "stretch".
+        spec = ImageSpec(input_spec["mode"], (height, width), input_spec.get("resize", "stretch"))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"model {source!r}: bad imgclf metadata: {error}") from None
+    input_spec = {**input_spec, "resize": spec.resize}
+    input_name, output_name = _check_signature(session, source, spec, len(classes))
+    sha256 = hashlib.sha256(model_bytes).hexdigest()
+    sidecar = sidecar or {}
+    name = sidecar.get("name") or (registry or {}).get("name") or default_name
+    return ServedModel(
+        session=session,
+        name=str(name),
+        version=str(registry["version"]) if registry else f"sha256:{sha256[:12]}",
+        source=source,
+        sha256=sha256,
+        classes=tuple(str(c) for c in classes),
+        spec=spec,
+        input=input_spec,
+        normalization=normalization,
+        lineage=dict(sidecar.get("lineage") or {}),
+        registry=registry,
+        max_pixels=max_pixels,
+        input_name=input_name,
+        output_name=output_name,
+    )
+
+
+def _session(model_bytes: bytes, source: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # Idle intra-op threads would otherwise spin and take CPU from the server's event loop.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except LOAD_ERRORS as error:
+        reason = " ".join(str(error).split())
+        raise ModelError(f"model {source!r}: not an ONNX model ONNX Runtime can load: {reason}") from None
+
+
+def _check_signature(session, source: str, spec: ImageSpec, n_classes: int) -> tuple[str, str]:
+    """One uint8 (N, C, H, W) input matching the spec, float probabilities (N, classes) out."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    expected = ["batch", *spec.shape]
+    if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or list(inputs[0].shape)[1:] != expected[1:]:
+        got = [(i.name, i.type, i.shape) for i in inputs]
+        raise ModelError(f"model {source!r}: expected one uint8 input of shape {expected}, got {got}")
+    output = outputs[0]
+    width = output.shape[-1] if output.shape else None
+    wrong_width = isinstance(width, int) and width != n_classes  # a named dimension is not checked
+    if output.type != "tensor(float)" or len(output.shape) != 2 or wrong_width:
+        raise ModelError(
+            f"model {source!r}: expected float probabilities (batch, {n_classes}), "
+            f"got {output.name} {output.type} {output.shape}"
+        )
+    return inputs[0].name, output.name
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model sidecar {str(path)!r}: unreadable: {error}") from None
+    if not isinstance(sidecar, dict):
+        raise ModelError(f"model sidecar {str(path)!r}: expected a JSON object")
+    return sidecar
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the repo's sqlite store: imgclf.tracking's rule without its config."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if os.environ.get("DVC_ROOT"):
+        root = Path(os.environ["DVC_ROOT"]).resolve()
+    else:
+        cwd = Path.cwd().resolve()
+        marked = (f for f in (cwd, *cwd.parents) if (f / ".dvc").is_dir() or (f / ".git").exists())
+        root = next(marked, cwd)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _load_registered(uri: str, threads: int, max_pixels: int) -> ServedModel:
+    match = REGISTRY_URI.fullmatch(uri)
+    if not match:
+        raise ModelError(f"model {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise ModelError(
+            f"model {uri!r}: no MLflow store at {store} (run `make run`, or set MLFLOW_TRACKING_URI)"
+        )
+    # mlflow takes seconds to import: only a registry URI pays for it.
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, alias = match["name"], match["alias"]
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    try:
+        if alias:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            version = client.get_model_version(name, match["version"])
+        with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
+            folder = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version.version}",
+                dst_path=tmp,
+                tracking_uri=store,
+                registry_uri=store,
+            )
+            onnx_files = sorted(Path(folder).rglob("*.onnx"))
+            if not onnx_files:
+                raise ModelError(f"model {uri!r}: version {version.version} holds no .onnx file")
+            model_bytes = onnx_files[0].read_bytes()
+            sidecar = _registered_sidecar(version.run_id, tmp, store)
+    except MlflowException as error:
+        message = " ".join(str(error.message).split())
+        raise ModelError(f"model {uri!r}: {message} (store {store})") from None
+    registry = {
+        "name": name,
+        "version": str(version.version),
+        "alias": alias,
+        "run_id": version.run_id,
+        "tracking_uri": store,
+    }
+    return from_bytes(model_bytes, uri, sidecar, registry, threads, max_pixels, default_name=name)
+
+
+def _registered_sidecar(run_id: str | None, tmp: str, store: str) -> dict | None:
+    """The export stage's model.json, logged beside the model in its run; None if absent."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="model.json", dst_path=str(Path(tmp) / "run"), tracking_uri=store
+        )
+    except (MlflowException, OSError):
+        return None
+    return _read_sidecar(Path(path))
