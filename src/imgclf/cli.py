@@ -1,6 +1,11 @@
-"""The `imgclf` command line."""
+"""The `imgclf` command line.
+
+Subcommand modules are imported inside their handlers: `imgclf predict` must start without
+paying for the training stack (torch, lightning, hydra, mlflow).
+"""
 
 import argparse
+import os
 import sys
 
 from imgclf.errors import ConfigError, run_or_exit
@@ -23,6 +28,42 @@ def cmd_params(args: argparse.Namespace) -> None:
     print(f"params.yaml composed from conf/ ({shown})")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from imgclf.serving import predict
+
+    predict.run(args.model, args.files, args.json, args.top_k, args.threads)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from imgclf.serving import server
+
+    token = args.token if args.token is not None else os.environ.get("IMGCLF_TOKEN")
+    server.serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        token=token or None,
+        max_body_bytes=int(args.max_body_mb * server.MIB),
+        max_pixels=int(args.max_megapixels * 1_000_000),
+        access_log=args.access_log,
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgclf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +77,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     params.add_argument("--check", action="store_true", help="exit 2 if params.yaml differs from conf/")
     params.set_defaults(handler=cmd_params)
+
+    model_help = "an .onnx file, or a registry URI: models:/<name>@<alias> or models:/<name>/<version>"
+    predict = commands.add_parser("predict", help="classify image files and folders")
+    predict.add_argument("--model", required=True, help=model_help)
+    predict.add_argument("files", nargs="+", metavar="FILE", help="image files or folders (walked)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--top-k", type=positive_int, metavar="K", help="only the K best classes")
+    predict.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)"
+    )
+    predict.set_defaults(handler=cmd_predict)
+
+    serve = commands.add_parser("serve", help="HTTP API and web page for a model")
+    serve.add_argument("--model", required=True, help=model_help)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime intra-op threads per prediction (default 1: requests run in parallel)",
+    )
+    serve.add_argument(
+        "--token", help="require `Authorization: Bearer TOKEN` on /v1/* (default: $IMGCLF_TOKEN)"
+    )
+    serve.add_argument(
+        "--max-body-mb", type=positive_float, default=10, help="largest request body, MiB (413 above)"
+    )
+    serve.add_argument(
+        "--max-megapixels", type=positive_float, default=40, help="largest image, megapixels (400 above)"
+    )
+    serve.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts)")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 
