@@ -30,16 +30,18 @@ def record(label: int, image: np.ndarray) -> bytes:
     return bytes([label]) + image.tobytes()  # (3, 32, 32) C-order: the R, G, B planes in turn
 
 
-def cifar_archive(members: dict[str, bytes] | None = None) -> tuple[bytes, dict[str, np.ndarray]]:
-    """A cifar-10-binary.tar.gz with PER_BATCH records per batch file, and the arrays it holds."""
+def cifar_archive(
+    members: dict[str, bytes] | None = None, per_batch: int = PER_BATCH
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """A cifar-10-binary.tar.gz with `per_batch` records per batch file, and the arrays it holds."""
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (6 * PER_BATCH, 3, 32, 32), dtype=np.uint8)
-    images[PER_BATCH * 5] = np.stack([RED, GREEN, BLUE])  # the first test image
-    labels = np.arange(6 * PER_BATCH) % 10
+    images = rng.integers(0, 256, (6 * per_batch, 3, 32, 32), dtype=np.uint8)
+    images[per_batch * 5] = np.stack([RED, GREEN, BLUE])  # the first test image
+    labels = np.arange(6 * per_batch) % 10
     names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
     if members is None:
         members = {
-            name: b"".join(record(labels[j], images[j]) for j in range(PER_BATCH * i, PER_BATCH * (i + 1)))
+            name: b"".join(record(labels[j], images[j]) for j in range(per_batch * i, per_batch * (i + 1)))
             for i, name in enumerate(names)
         }
         members["batches.meta.txt"] = ("\n".join(CLASSES) + "\n\n").encode()
