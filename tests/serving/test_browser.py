@@ -151,17 +151,21 @@ def test_upload_shows_the_right_label_and_the_model(page, base_url, digit_png, t
     assert severe_console_messages(page) == []
 
 
-def test_drawing_on_the_canvas_gets_the_drawing_classified(page, base_url, tmp_path):
-    from selenium.webdriver.common.action_chains import ActionChains
+@pytest.mark.parametrize("pointer", ["mouse", "touch"])
+def test_drawing_on_the_canvas_gets_the_drawing_classified(page, base_url, pointer, tmp_path):
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
     from selenium.webdriver.common.by import By
 
     canvas = page.find_element(By.ID, "canvas")
     side = canvas.size["height"]
     # A vertical stroke down the middle, dragged as a user would; it is classified on release.
-    stroke = ActionChains(page).move_to_element_with_offset(canvas, 0, -side // 3).click_and_hold()
+    actions = ActionBuilder(page, mouse=PointerInput(pointer, pointer))
+    stroke = actions.pointer_action.move_to(canvas, 0, -side // 3).pointer_down()
     for _ in range(4):
-        stroke = stroke.move_by_offset(0, side // 6)
-    stroke.release().perform()
+        stroke = stroke.move_by(0, side // 6)
+    stroke.pointer_up()
+    actions.perform()
 
     label = wait_for_text(page, "label")
     drawing = page.execute_script("return arguments[0].toDataURL('image/png')", canvas)
@@ -170,7 +174,7 @@ def test_drawing_on_the_canvas_gets_the_drawing_classified(page, base_url, tmp_p
     assert pixels[0, 0] == 0 and pixels.max() == 255, "expected white ink on a black ground"
     assert (pixels > 128).mean() > 0.02, "the stroke left too little ink"
     assert label == api_prediction(base_url, png)["label"]
-    screenshot(page, tmp_path, "page-drawing.png")
+    screenshot(page, tmp_path, f"page-drawing-{pointer}.png")
 
     page.find_element(By.ID, "clear").click()
     ink_left = page.execute_script(
@@ -182,6 +186,29 @@ def test_drawing_on_the_canvas_gets_the_drawing_classified(page, base_url, tmp_p
     assert not ink_left
     assert page.find_element(By.ID, "predict").get_attribute("disabled") is not None
     assert severe_console_messages(page) == []
+
+
+def test_a_dropped_file_is_the_one_classified(page, digit_png):
+    from selenium.webdriver.common.by import By
+
+    path, label = digit_png
+    drop = page.find_element(By.ID, "drop")
+    # WebDriver cannot drag a file from outside the browser: dispatch the events a drop fires.
+    page.execute_script(
+        "const [target, encoded, name] = arguments;"
+        "const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));"
+        "const data = new DataTransfer();"
+        "data.items.add(new File([bytes], name, {type: 'image/png'}));"
+        "for (const type of ['dragenter', 'dragover', 'drop'])"
+        "  target.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));",
+        drop,
+        base64.b64encode(path.read_bytes()).decode(),
+        path.name,
+    )
+    assert page.find_element(By.ID, "preview").is_displayed()
+    assert path.name in page.find_element(By.ID, "source").text
+    page.find_element(By.ID, "predict").click()
+    assert wait_for_text(page, "label") == label
 
 
 def test_a_file_that_is_not_an_image_shows_the_api_detail(page, base_url, tmp_path):

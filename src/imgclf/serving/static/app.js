@@ -138,6 +138,9 @@ function chooseFile(file) {
 function setUpUpload() {
   const drop = $("drop");
   $("file").addEventListener("change", (event) => chooseFile(event.target.files[0]));
+  // Back to the chosen file after drawing: picking the same file again fires no "change".
+  const reselect = () => state.file && useSource("file");
+  $("upload-panel").addEventListener("pointerdown", reselect);
   drop.addEventListener("dragover", (event) => {
     event.preventDefault();
     drop.classList.add("over");
