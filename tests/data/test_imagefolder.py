@@ -166,6 +166,16 @@ def test_decode_pool_gives_what_one_process_gives(tmp_path, data):
     assert one.bad_files == pool.bad_files and one.modes == pool.modes
 
 
+def test_chunks_of_a_few_images_give_the_same_output(tmp_path, tree, data, monkeypatch):
+    """Splits, statistics and report do not depend on how many images are in memory at once."""
+    from imgclf.data import normalize as normalize_module
+
+    monkeypatch.setattr(normalize_module, "CHUNK_BYTES", 3 * 3 * 8 * 8)  # three images a chunk
+    config = config_for(tmp_path, path=str(tree))
+    normalize(config, 0, data / "raw" / "imagefolder", tmp_path / "chunked")
+    assert snapshot(tmp_path / "chunked") == snapshot(data / "normalized")
+
+
 def test_bad_image_with_fail_stops_and_names_the_file(tmp_path, tree, data):
     before = snapshot(data)
     expected = r"^bad image cats/truncated\.jpg in .*: corrupt or truncated"

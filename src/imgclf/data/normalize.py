@@ -29,7 +29,7 @@ from imgclf.errors import ImgclfError
 from imgclf.fileio import atomic_dir, read_json, save_array, write_json
 
 SPLITS = ("train", "val", "test")
-CHUNK = 2048  # images in memory at once per split: 25 MB of 64x64 RGB
+CHUNK_BYTES = 8 << 20  # pixels in memory at once: 680 images of 64x64 RGB, 53 of 224x224
 MODES = {1: "L", 3: "RGB"}  # what a published source's channel count means
 
 
@@ -160,8 +160,9 @@ class ChannelStats:
 def channel_stats(images: np.ndarray) -> dict[str, list[float]]:
     """Per-channel mean and std of uint8 (N, C, H, W) images, in pixel units."""
     stats = ChannelStats()
-    for start in range(0, len(images), CHUNK):
-        stats.update(np.asarray(images[start : start + CHUNK]))
+    step = chunk_length(images)
+    for start in range(0, len(images), step):
+        stats.update(np.asarray(images[start : start + step]))
     return stats.result()
 
 
@@ -203,17 +204,23 @@ def write_split(raw: RawDataset, idx: np.ndarray, folder: Path, stats: ChannelSt
     return written
 
 
+def chunk_length(images: np.ndarray) -> int:
+    """Images per chunk: CHUNK_BYTES of pixels, at least one image."""
+    return max(1, CHUNK_BYTES // (images.itemsize * math.prod(images.shape[1:])))
+
+
 def gather(images: np.ndarray, idx: np.ndarray) -> Iterator[np.ndarray]:
-    """images[idx] as C-contiguous uint8 chunks of CHUNK images.
+    """images[idx] as C-contiguous uint8 chunks of about CHUNK_BYTES.
 
     A memmap (as decode_folder returns: the whole file) is mapped afresh for each chunk and let go
     after it, so only one chunk's pages are ever resident in this process.
     """
-    for start in range(0, len(idx), CHUNK):
+    step = chunk_length(images)
+    for start in range(0, len(idx), step):
         source = images
         if isinstance(images, np.memmap):
             source = np.memmap(images.filename, images.dtype, "r", images.offset, images.shape)
-        yield np.ascontiguousarray(source[idx[start : start + CHUNK]], dtype=np.uint8)
+        yield np.ascontiguousarray(source[idx[start : start + step]], dtype=np.uint8)
         del source
 
 
