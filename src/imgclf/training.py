@@ -229,7 +229,7 @@ def train(
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch internals, not actionable
     L.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = ImageDataModule(data_dir, config.train.batch_size, config.seed)
+    datamodule = ImageDataModule(data_dir, config.train.batch_size, config.seed, augment=config.train.augment)
     datamodule.setup("fit")
     input_shape = tuple(datamodule.splits["train"][0].shape[1:])
     card = network_card(config, data_dir, input_shape)
