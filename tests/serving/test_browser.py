@@ -224,6 +224,9 @@ def test_a_file_that_is_not_an_image_shows_the_api_detail(page, base_url, tmp_pa
 
     assert wait_for_text(page, "error") == answer.json()["detail"]
     assert not page.find_element(By.ID, "result").is_displayed()
+    # No preview for it, its name instead.
+    wait_for_text(page, "drop-text", lambda text: text == fake.name)
+    screenshot(page, tmp_path, "page-error.png")
 
 
 def test_a_server_with_a_token_gets_it_from_the_user(browser, secured_url, digit_png):

@@ -26,7 +26,12 @@ async function api(url, options = {}) {
   const headers = new Headers(options.headers);
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.set("Authorization", `Bearer ${token}`);
-  const response = await fetch(url, { ...options, headers });
+  let response;
+  try {
+    response = await fetch(url, { ...options, headers });
+  } catch (error) {
+    throw new Error(`Cannot reach the server (${error.message})`);
+  }
   const body = await response.json().catch(() => null);
   if (response.status === 401) {
     showAuth(token ? "The token was refused; enter another." : errorText(response, body));
@@ -135,12 +140,20 @@ function chooseFile(file) {
   useSource("file");
 }
 
+// A file the browser cannot show (TIFF, or not an image at all) is still sent: the server decides.
+function previewFailed() {
+  $("preview").hidden = true;
+  $("drop-text").textContent = state.file ? state.file.name : "";
+  $("drop-text").hidden = false;
+}
+
 function setUpUpload() {
   const drop = $("drop");
   $("file").addEventListener("change", (event) => chooseFile(event.target.files[0]));
   // Back to the chosen file after drawing: picking the same file again fires no "change".
   const reselect = () => state.file && useSource("file");
   $("upload-panel").addEventListener("pointerdown", reselect);
+  $("preview").addEventListener("error", previewFailed);
   drop.addEventListener("dragover", (event) => {
     event.preventDefault();
     drop.classList.add("over");
