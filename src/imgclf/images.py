@@ -18,6 +18,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 MODES = ("L", "RGB")
+# The formats Pillow may open: the common ones, decoded in-process. Others are refused, so an
+# upload cannot reach rarer decoders (EPS, for one, runs Ghostscript). JPEG covers phones' MPO.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 RESIZES = ("stretch", "crop")
 # One fixed filter: Pillow's BILINEAR widens its support when shrinking (it antialiases), and
 # reducing_gap=None turns off the JPEG/box shortcuts whose use depends on the input size.
@@ -116,11 +119,11 @@ def _open(source: io.BytesIO | str, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns above its own limit; the check below against max_pixels decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source)
+            image = Image.open(source, formats=FORMATS)
     except Image.DecompressionBombError as error:
         raise BadImage(f"too many pixels: {_one_line(error)}") from None
     except Image.UnidentifiedImageError:
-        raise BadImage("not an image Pillow can read") from None
+        raise BadImage(f"not an image in a supported format ({', '.join(FORMATS)})") from None
     except DECODE_ERRORS as error:
         raise BadImage(f"unreadable image header: {_one_line(error)}") from None
     width, height = image.size

@@ -171,6 +171,19 @@ def test_not_images_are_bad_images_with_a_reason(tmp_path, data, reason):
         assert "\n" not in str(error.value)
 
 
+def test_formats_outside_the_common_ones_are_refused():
+    pcx = encode(Image.new("RGB", (4, 4)), "PCX")  # Pillow reads it, but it is not on the list
+    with pytest.raises(BadImage, match=r"not an image in a supported format \(JPEG, PNG"):
+        decode_image(pcx, RGB_4x4, MAX)
+    colour = Image.new("RGB", (4, 4), (9, 99, 199))
+    for fmt, options in [("GIF", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True}), ("PPM", {})]:
+        pixels = decode_image(encode(colour, fmt, **options), RGB_4x4, MAX)
+        assert pixels[:, 2, 2].tolist() == [9, 99, 199], fmt
+    # A phone's MPO (a JPEG with more pictures appended) opens through the JPEG decoder.
+    mpo = encode(colour, "MPO", save_all=True, append_images=[Image.new("RGB", (4, 4))])
+    assert decode_image(mpo, RGB_4x4, MAX)[:, 2, 2].tolist() == pytest.approx([9, 99, 199], abs=4)
+
+
 def test_pixel_cap_is_checked_before_decoding():
     data = encode(Image.new("RGB", (100, 60)), "PNG")
     assert decode_image(data, RGB_4x4, max_pixels=6000).shape == (3, 4, 4)
