@@ -86,6 +86,8 @@ def zipped(root: Path, prefix: str = "pets/") -> bytes:
         for path in sorted(root.rglob("*")):
             if path.is_file():
                 zf.write(path, prefix + path.relative_to(root).as_posix())
+        if prefix:
+            zf.writestr("README.txt", "beside the wrapping folder: not a class")
     return buffer.getvalue()
 
 

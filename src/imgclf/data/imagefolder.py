@@ -107,14 +107,16 @@ def download_archive(config: ImageFolderData, scratch: Path) -> Path:
 
 
 def dataset_root(folder: Path) -> Path:
-    """The folder that holds the class folders: archives often wrap them in one top folder."""
+    """The folder that holds the class folders: archives often wrap them in one top folder.
+
+    A folder whose only subfolder itself has subfolders is such a wrapper (loose files beside it,
+    a README say, do not count): one class alone is never a data set.
+    """
     while True:
-        entries = [entry for entry in folder.iterdir() if visible(entry.name)]
-        if len(entries) != 1 or not entries[0].is_dir():
+        folders = [entry for entry in folder.iterdir() if entry.is_dir() and visible(entry.name)]
+        if len(folders) != 1 or not any(c.is_dir() and visible(c.name) for c in folders[0].iterdir()):
             return folder
-        if not any(child.is_dir() and visible(child.name) for child in entries[0].iterdir()):
-            return folder  # a single class folder: leave it, so the error names it
-        folder = entries[0]
+        folder = folders[0]
 
 
 def visible(name: str) -> bool:
