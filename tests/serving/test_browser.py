@@ -1,9 +1,9 @@
 """The web page in a real browser: headless Chromium driven by Selenium against the real server.
 
 Chromium and chromedriver are Debian's packages (`make browser-deps` installs them); Selenium is
-given both paths, so its manager never tries to download a browser. What the page shows is checked
-against the API's own answer for the same bytes. Screenshots go to the test's tmp_path, and also
-to $IMGCLF_SCREENSHOTS when that is set (CI can keep them as artifacts).
+given both paths, so it never runs Selenium Manager, which would try to download them. What the
+page shows is checked against the API's own answer for the same bytes. Screenshots go to the
+test's tmp_path, and also to $IMGCLF_SCREENSHOTS when that is set (CI can keep them as artifacts).
 """
 
 import base64
@@ -42,9 +42,8 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,1000"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SE_OFFLINE", "true")  # belt and braces: Selenium Manager must fetch nothing
-        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    # A driver path given to Service: Selenium skips its manager, which would try to download one.
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
 
