@@ -65,12 +65,8 @@ class ServedModel:
         if model.startswith("models:/"):
             return _load_registered(model, threads, max_pixels)
         path = Path(model)
-        try:
-            model_bytes = path.read_bytes()
-        except OSError as error:
-            raise ModelError(f"model {model!r}: cannot read it: {error.strerror or error}") from None
         sidecar = _read_sidecar(path.with_suffix(".json")) if path.suffix == ".onnx" else None
-        return from_bytes(model_bytes, model, sidecar, None, threads, max_pixels, default_name=path.stem)
+        return from_file(path, model, sidecar, None, threads, max_pixels, default_name=path.stem)
 
     def preprocess(self, data: bytes | str | os.PathLike) -> np.ndarray:
         """An image file (bytes or path) -> uint8 (C, H, W) for this model; BadImage if it cannot be."""
@@ -95,8 +91,8 @@ class ServedModel:
         }
 
 
-def from_bytes(
-    model_bytes: bytes,
+def from_file(
+    path: Path,
     source: str,
     sidecar: dict | None,
     registry: dict | None,
@@ -104,7 +100,12 @@ def from_bytes(
     max_pixels: int,
     default_name: str,
 ) -> ServedModel:
-    session = _session(model_bytes, source, threads)
+    """The session and metadata of one ONNX file (tensors in external files beside it load too)."""
+    try:
+        model_bytes = path.read_bytes()
+    except OSError as error:
+        raise ModelError(f"model {source!r}: cannot read it: {error.strerror or error}") from None
+    session = _session(str(path), source, threads)
     metadata = session.get_modelmeta().custom_metadata_map
     missing = [key for key in METADATA_KEYS if key not in metadata]
     if missing:
@@ -144,7 +145,7 @@ def from_bytes(
     )
 
 
-def _session(model_bytes: bytes, source: str, threads: int) -> ort.InferenceSession:
+def _session(path: str, source: str, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -152,7 +153,7 @@ def _session(model_bytes: bytes, source: str, threads: int) -> ort.InferenceSess
     # Idle intra-op threads would otherwise spin and take CPU from the server's event loop.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except LOAD_ERRORS as error:
         reason = " ".join(str(error).split())
         raise ModelError(f"model {source!r}: not an ONNX model ONNX Runtime can load: {reason}") from None
@@ -210,6 +211,8 @@ def _load_registered(uri: str, threads: int, max_pixels: int) -> ServedModel:
         raise ModelError(
             f"model {uri!r}: no MLflow store at {store} (run `make run`, or set MLFLOW_TRACKING_URI)"
         )
+    # Progress bars would garble `imgclf predict --json` output on a terminal.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # mlflow takes seconds to import: only a registry URI pays for it.
     import mlflow.artifacts
     from mlflow import MlflowClient
@@ -232,19 +235,19 @@ def _load_registered(uri: str, threads: int, max_pixels: int) -> ServedModel:
             onnx_files = sorted(Path(folder).rglob("*.onnx"))
             if not onnx_files:
                 raise ModelError(f"model {uri!r}: version {version.version} holds no .onnx file")
-            model_bytes = onnx_files[0].read_bytes()
             sidecar = _registered_sidecar(version.run_id, tmp, store)
+            registry = {
+                "name": name,
+                "version": str(version.version),
+                "alias": alias,
+                "run_id": version.run_id,
+                "tracking_uri": store,
+            }
+            # The session has read the file (and any external data) when this returns.
+            return from_file(onnx_files[0], uri, sidecar, registry, threads, max_pixels, default_name=name)
     except MlflowException as error:
         message = " ".join(str(error.message).split())
         raise ModelError(f"model {uri!r}: {message} (store {store})") from None
-    registry = {
-        "name": name,
-        "version": str(version.version),
-        "alias": alias,
-        "run_id": version.run_id,
-        "tracking_uri": store,
-    }
-    return from_bytes(model_bytes, uri, sidecar, registry, threads, max_pixels, default_name=name)
 
 
 def _registered_sidecar(run_id: str | None, tmp: str, store: str) -> dict | None:
