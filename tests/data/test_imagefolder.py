@@ -178,12 +178,14 @@ def test_chunks_of_a_few_images_give_the_same_output(tmp_path, tree, data, monke
     assert snapshot(tmp_path / "chunked") == snapshot(data / "normalized")
 
 
-def test_bad_image_with_fail_stops_and_names_the_file(tmp_path, tree, data):
+def test_bad_images_with_fail_stop_and_are_all_named(tmp_path, tree, data):
     before = snapshot(data)
-    expected = r"^bad image cats/truncated\.jpg in .*: corrupt or truncated"
-    with pytest.raises(ImgclfError, match=expected) as error:
+    with pytest.raises(ImgclfError, match=r"^3 bad image\(s\) in .*on_bad_image=fail") as error:
         run_stages(config_for(tmp_path, path=str(tree), on_bad_image="fail"), data)
-    assert "\n" not in str(error.value)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "cats/truncated.jpg: corrupt or truncated" in message
+    assert "dogs/text.png" in message and "owls/empty.png" in message
     assert snapshot(data) == before
 
 

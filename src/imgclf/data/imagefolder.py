@@ -176,6 +176,9 @@ def take_images(root: Path, target: Path, move: bool) -> None:
         )
 
 
+MAX_BAD_SHOWN = 20  # bad files named in the error of on_bad_image=fail
+
+
 @dataclass(frozen=True)
 class DecodedFolder:
     """decode_folder's result: the dataset (images a read-only memmap) and facts for the report."""
@@ -205,19 +208,21 @@ def decode_folder(config: ImageFolderData, raw_dir: Path, scratch: Path) -> Deco
         for (path, label), result in zip(files, results, strict=True):
             bar.update(1)
             if isinstance(result, str):
-                name = path.relative_to(raw_dir).as_posix()
-                if config.on_bad_image == "fail":
-                    raise ImgclfError(
-                        f"bad image {name} in {raw_dir}: {result} "
-                        "(data.on_bad_image=fail; set it to skip to leave such files out)"
-                    )
-                bad.append({"path": name, "reason": result})
+                bad.append({"path": path.relative_to(raw_dir).as_posix(), "reason": result})
                 continue
             pixels, info = result
             out.write(pixels.data)
             labels.append(label)
             modes[info.mode] += 1
             sizes.append((info.width, info.height))
+    if bad and config.on_bad_image == "fail":
+        # Every bad file in one message: the stage writes nothing, so there is no report to read.
+        shown = "; ".join(f"{b['path']}: {b['reason']}" for b in bad[:MAX_BAD_SHOWN])
+        more = f"; and {len(bad) - MAX_BAD_SHOWN} more" if len(bad) > MAX_BAD_SHOWN else ""
+        raise ImgclfError(
+            f"{len(bad)} bad image(s) in {raw_dir} (data.on_bad_image=fail; set it to skip to leave "
+            f"them out): {shown}{more}"
+        )
     if not labels:
         raise ImgclfError(f"none of the {len(files)} files in {raw_dir} could be decoded")
     images = np.memmap(pixels_path, dtype=np.uint8, mode="r", shape=(len(labels), *spec.shape))
