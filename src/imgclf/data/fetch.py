@@ -209,7 +209,7 @@ def fetch(
     for base in mirrors:
         url = urllib.parse.urljoin(base if base.endswith("/") else base + "/", remote.name)
         try:
-            _download_with_retries(url, part, retries, backoff, timeout)
+            download_url(url, part, retries, backoff, timeout)
             if not verifies(part, remote):
                 raise DownloadError("checksum mismatch")
             os.replace(part, target)
@@ -222,7 +222,11 @@ def fetch(
     raise DownloadError(f"could not fetch {remote.name} from any mirror: " + "; ".join(errors))
 
 
-def _download_with_retries(url: str, part: Path, retries: int, backoff: float, timeout: float) -> None:
+def download_url(url: str, part: Path, retries: int = 3, backoff: float = 0.5, timeout: float = 30) -> None:
+    """Stream `url` into `part`, resuming what is there and retrying transient errors.
+
+    No verification: `fetch` checks the result; a caller without a checksum gets the bytes as sent.
+    """
     for attempt in range(retries + 1):
         try:
             _download(url, part, timeout)

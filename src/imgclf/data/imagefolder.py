@@ -34,7 +34,7 @@ from imgclf.data.fetch import (
     DownloadError,
     RemoteFile,
     TransientError,
-    _download_with_retries,
+    download_url,
     fetch,
     progress,
     sha256_of,
@@ -96,7 +96,7 @@ def download_archive(config: ImageFolderData, scratch: Path) -> Path:
     # retries, then print the digest so the user can pin it.
     part = scratch / name
     try:
-        _download_with_retries(config.url, part, retries=3, backoff=0.5, timeout=30)
+        download_url(config.url, part)
     except (DownloadError, TransientError, OSError) as error:
         raise DownloadError(f"could not fetch data.url={config.url!r}: {error}") from None
     print(
