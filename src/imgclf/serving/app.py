@@ -110,7 +110,9 @@ def create_app(
         "/v1/predict", response_model=Predictions, dependencies=secured, responses=ERRORS, tags=["model"]
     )
     def predict(
-        file: Annotated[list[UploadFile], File(description="one or more image files (PNG, JPEG, ...)")],
+        file: Annotated[
+            list[UploadFile], File(min_length=1, description="one or more image files (PNG, JPEG, ...)")
+        ],
         top_k: Annotated[int | None, Query(ge=1, description="only the K most probable classes")] = None,
     ) -> dict:
         """Classify one or more images sent as multipart field `file`.
