@@ -12,7 +12,15 @@ import time
 
 from common import RESULTS_DIR, ROOT, format_rows
 
-BENCHMARKS = ["pipeline", "accuracy", "lightning_vs_plain", "onnx_vs_torch", "imagefolder", "mnist_recipe"]
+BENCHMARKS = [
+    "pipeline",
+    "accuracy",
+    "lightning_vs_plain",
+    "onnx_vs_torch",
+    "imagefolder",
+    "mnist_recipe",
+    "serving",
+]
 
 
 def main() -> int:
