@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP_VERSION := 26.3
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lint format ui bench clean browser-deps
+.PHONY: install run test lint format ui serve bench clean browser-deps
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ browser-deps:
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# The pipeline's model: HTTP API and web page on http://127.0.0.1:8000/ (IMGCLF_TOKEN=... for a token).
+serve: install
+	@test -f models/model.onnx || { echo "make serve: no models/model.onnx; run \`make run\` first" >&2; exit 2; }
+	imgclf serve --model models/model.onnx
 
 bench: install
 	python bench/run_all.py
