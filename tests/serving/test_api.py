@@ -287,3 +287,38 @@ def test_metrics_count_requests_statuses_latency_and_classes(client, digits_spli
     assert delta("imgclf_predictions_total", label=label) == 2
     info = {"name": served_model.name, "version": served_model.version}
     assert metric(after, "imgclf_model_info", **info) == 1
+
+
+def test_more_files_than_allowed_is_400(client, digits_splits):
+    from imgclf.serving.app import MAX_FILES
+
+    png = grey_png(digit_image(digits_splits))
+    response = post_files(client, *[(f"{i}.png", png, "image/png") for i in range(MAX_FILES + 1)])
+    assert response.status_code == 400
+    assert str(MAX_FILES) in response.json()["detail"]
+    assert post_files(client, *[(f"{i}.png", png, "image/png") for i in range(MAX_FILES)]).status_code == 200
+
+
+def test_multipart_without_a_boundary_is_400(client):
+    response = client.post("/v1/predict", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    assert response.status_code == 400
+    assert response.json()["detail"]
+
+
+class BrokenSession:
+    def run(self, *args, **kwargs):
+        raise RuntimeError("a bug, not the user's fault: /secret/path/model.py line 1")
+
+
+def test_a_bug_is_a_json_500_without_a_traceback(served_model, digits_splits):
+    import dataclasses
+
+    from imgclf.serving.app import create_app
+    from tests.serving.conftest import running_server
+
+    broken = dataclasses.replace(served_model, session=BrokenSession())
+    with running_server(create_app(broken)) as url, httpx.Client(base_url=url) as client:
+        response = post_files(client, ("a.png", grey_png(digit_image(digits_splits)), "image/png"))
+        assert response.status_code == 500
+        assert response.json() == {"detail": "internal server error"}
+        assert client.get("/health").status_code == 200

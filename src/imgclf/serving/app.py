@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, Security, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Security, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgclf import __version__
 from imgclf.images import BadImage
@@ -91,11 +91,6 @@ def create_app(
     # Documents the token in /docs ("Authorize"); RequestGuard enforces it before the body is read.
     secured = [Security(HTTPBearer(auto_error=False))] if token else []
 
-    @api.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
-
     @api.get("/health", response_model=Health, tags=["service"])
     def health() -> dict:
         """Liveness: the model is loaded (it is loaded before the server starts listening)."""
@@ -141,8 +136,36 @@ def create_app(
         return FileResponse(index)
 
     api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    api.add_middleware(InternalErrors)
     guarded = RequestGuard(api, max_body_bytes=max_body_bytes, token=token)
     return MetricsMiddleware(guarded, metrics, frozenset(route.path for route in api.routes))
+
+
+class InternalErrors:
+    """A bug becomes a JSON 500 for the client and a traceback in the server's log.
+
+    Handled here rather than re-raised to uvicorn (Starlette's default), which would close the
+    connection under a client that may still be sending, and reset it instead of answering.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_started)
+        except Exception:
+            if scope["type"] != "http" or started:
+                raise  # nothing useful can be sent any more
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send)
 
 
 def _decode(model: ServedModel, upload: UploadFile, name: str) -> np.ndarray:
