@@ -43,7 +43,11 @@ def image_files(arguments: Iterable[str]) -> Iterator[tuple[str, Path | str]]:
         if not path.is_dir():
             yield argument, path  # named files are tried whatever their extension
             continue
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        try:
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        except OSError as error:  # an unreadable subfolder: report this argument, go on with the rest
+            yield argument, f"cannot walk this folder: {error.strerror or error}: {error.filename}"
+            continue
         if not found:
             yield argument, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"
         for file in found:
