@@ -10,6 +10,7 @@ from imgclf.config import compose, validate
 from imgclf.data.download import MANIFEST
 from imgclf.data.normalize import SPLITS, image_hashes, load_metadata, load_split, split_indices
 from imgclf.data.sources import get_source
+from imgclf.fileio import read_json
 from tests.conftest import REPO
 
 
@@ -57,6 +58,7 @@ def test_stats_are_those_of_the_train_split(digits_dirs):
     classes, stats = load_metadata(normalized)
     train, _ = load_split(normalized, "train")
     assert classes == [str(d) for d in range(10)]
+    assert read_json(normalized / "input.json") == {"mode": "L", "size": [8, 8], "resize": "stretch"}
     assert stats["mean"][0] == pytest.approx(train.mean(), rel=1e-6)
     assert stats["std"][0] == pytest.approx(train.std(), rel=1e-6)
 

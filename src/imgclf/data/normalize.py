@@ -5,6 +5,8 @@ Layout of data/normalized/:
     <split>/labels.npy   int64 (N,)
     stats.json           per-channel mean and std of the train split, in pixel units (0..255)
     classes.json         class names, index = label
+    input.json           how a source image became an array: mode, size [H, W] and resize policy,
+                         which the model carries so that predict and serve size uploads the same way
     report.json          data checks: counts per split and class, value range, cross-split
                          duplicates, what the source images were (modes, sizes), the bad files
 
@@ -62,6 +64,7 @@ def normalize(config: DataConfig, seed: int, raw_dir: Path, out_dir: Path) -> di
             }
             write_json(tmp / "stats.json", stats.result())
             write_json(tmp / "classes.json", raw.classes)
+            write_json(tmp / "input.json", input_spec(config, raw.images.shape[1:]))
             write_json(tmp / "report.json", report)
     return report
 
@@ -222,6 +225,16 @@ def gather(images: np.ndarray, idx: np.ndarray) -> Iterator[np.ndarray]:
             source = np.memmap(images.filename, images.dtype, "r", images.offset, images.shape)
         yield np.ascontiguousarray(source[idx[start : start + step]], dtype=np.uint8)
         del source
+
+
+def input_spec(config: DataConfig, shape: tuple[int, int, int]) -> dict[str, object]:
+    """Mode, size and resize policy of the arrays; published data sets come at their size."""
+    channels, height, width = shape
+    return {
+        "mode": "L" if channels == 1 else "RGB",
+        "size": [height, width],
+        "resize": getattr(config, "resize", "stretch"),
+    }
 
 
 def load_split(data_dir: Path, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
