@@ -59,13 +59,20 @@ class Faulty(BaseHTTPRequestHandler):
         if "Range" in self.headers:
             state.ranges.append(self.headers["Range"])
             start = int(self.headers["Range"].split("=")[1].rstrip("-"))
-        if mode == "cut" and hits == 1:
+        if mode in ("cut", "badrange") and hits == 1:
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.connection.shutdown(2)
+            return None
+        if start and mode == "badrange":  # a server that ignores the offset yet answers 206
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 0-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return None
         if start:
             self.send_response(206)

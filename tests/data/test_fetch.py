@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import io
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -46,6 +47,11 @@ def test_cut_connection_resumes_with_a_range_request(server, tmp_path):
     # Whole chunks received before the cut are kept; only the rest is asked for again.
     (asked,) = server.ranges
     assert 0 < int(asked.removeprefix("bytes=").rstrip("-")) <= len(ARCHIVE) // 2
+
+
+def test_a_resume_at_the_wrong_offset_starts_over(server, tmp_path):
+    assert fetch_from(server, tmp_path, "badrange").read_bytes() == ARCHIVE
+    assert server.hits["/badrange/data.gz"] == 3  # cut, a 206 from byte 0 refused, then whole
 
 
 def test_corrupt_file_fails_over_to_the_next_mirror(server, tmp_path):
@@ -130,3 +136,12 @@ def test_progress_lines_report_share_speed_and_eta():
     assert first == "x.gz: downloading 4.0 KiB"
     assert middle.startswith("x.gz: 1.0 KiB of 4.0 KiB (25%), ") and "/s, ETA " in middle
     assert last.startswith("x.gz: 1.0 KiB done in ")
+
+
+def test_two_pipelines_sharing_a_cache_download_once(server, tmp_path):
+    # Queued experiments share data.cache_dir: the second waits for the first's verified file
+    # instead of writing the same .part beside it.
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: fetch_from(server, tmp_path, "slow"), range(2)))
+    assert [p.read_bytes() for p in paths] == [ARCHIVE, ARCHIVE]
+    assert server.hits["/slow/data.gz"] == 1

@@ -15,6 +15,7 @@ Verified files live in a cache (`data.cache_dir`), so a second pipeline never do
 Progress is a tqdm bar (bytes, speed, ETA) on a terminal, and a plain line every 15 s otherwise.
 """
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -24,6 +25,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -199,6 +201,28 @@ def fetch(
 ) -> Path:
     """The verified file in `cache_dir`, downloaded from the first mirror that delivers it."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # The cache is shared by every checkout and queued experiment: one downloader at a time, so a
+    # second pipeline waits for the first's verified file instead of writing the same .part.
+    with _locked(cache_dir):
+        return _fetch_unlocked(remote, mirrors, cache_dir, retries, backoff, timeout)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` itself (flock on the directory: no lock file left behind)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _fetch_unlocked(
+    remote: RemoteFile, mirrors: list[str], cache_dir: Path, retries: int, backoff: float, timeout: float
+) -> Path:
     target = cache_dir / remote.name
     if target.is_file() and verifies(target, remote):
         return target
@@ -270,6 +294,9 @@ def _download_http(url: str, part: Path, timeout: float) -> None:
         if "text/html" in response.headers.get("Content-Type", ""):
             raise DownloadError("the server sent an HTML page, not the file")
         resumed = response.status_code == 206
+        if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            part.unlink(missing_ok=True)  # not the bytes after ours: start over on the retry
+            raise TransientError(f"resumed at the wrong offset: {response.headers.get('Content-Range')!r}")
         start = have if resumed else 0
         length = response.headers.get("Content-Length")
         expected = start + int(length) if length is not None else None
