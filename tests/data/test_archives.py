@@ -200,3 +200,22 @@ def test_truncated_tar_gz_is_refused(tmp_path, target):
     with pytest.raises(ArchiveError, match=r"^cut\.tar\.gz: .*corrupt"):
         extract_archive(archive, target, CAP)
     assert_untouched(target)
+
+
+def test_a_bomb_of_empty_members_is_refused(tmp_path, target):
+    # No bytes to count, but each member costs a file: a million of them is a bomb too.
+    archive = make_tar(tmp_path / "files.tar.gz", [(f"cats/{i}.png", b"") for i in range(2000)])
+    with pytest.raises(ArchiveError, match=r"more than data\.max_archive_bytes=1048576 bytes"):
+        extract_archive(archive, target, MB)
+    assert_untouched(target)
+
+
+def test_a_name_that_is_not_utf8_is_refused(tmp_path, target):
+    archive = tmp_path / "latin1.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        info = tarfile.TarInfo("cats/caf\xe9.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(ArchiveError, match=r"not valid UTF-8"):
+        extract_archive(archive, target, CAP)
+    assert_untouched(target)

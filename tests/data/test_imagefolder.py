@@ -133,6 +133,12 @@ def test_local_folder_downloads_and_normalizes(tmp_path, tree, data):
     normalized = data / "normalized"
     classes, stats = load_metadata(normalized)
     assert classes == CLASSES
+    # What the model will carry, so that serving sizes uploads as normalize did (crop: the default).
+    assert json.loads((normalized / "input.json").read_text()) == {
+        "mode": "RGB",
+        "size": [8, 8],
+        "resize": "crop",
+    }
     report = json.loads((normalized / "report.json").read_text())
     assert sum(report["n_images"].values()) == 3 * PER_CLASS
     for split in SPLITS:
@@ -297,3 +303,13 @@ def test_stage_entry_point_exits_2_on_a_config_error(tmp_path):
         "subfolder per class, or the http(s):// or file:// URL of a .zip or .tar archive of one"
     ]
     assert not (tmp_path / "data" / "raw" / "imagefolder").exists()
+
+
+def test_a_file_name_that_is_not_utf8_stops_download(tmp_path, data):
+    root = make_tree(tmp_path / "pets")
+    with open(os.path.join(os.fsencode(root / "cats"), b"caf\xe9.png"), "wb") as f:
+        f.write(b"not even an image")
+    before = snapshot(data)
+    with pytest.raises(ImgclfError, match=r"caf\\udce9\.png.*not valid UTF-8"):
+        download(config_for(tmp_path, path=str(root)), data / "raw")
+    assert snapshot(data) == before

@@ -48,6 +48,10 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> Path:
     return target
 
 
+# What one member costs beyond its bytes: millions of empty members are a bomb of files, not bytes.
+MEMBER_COST = 4096
+
+
 class _Budget:
     """The bytes an archive may still expand to."""
 
@@ -63,6 +67,15 @@ class _Budget:
             )
 
 
+def printable_name(name: str) -> bool:
+    """Whether a file name can go in the SHA256SUMS manifest: valid UTF-8, one line."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes surface as lone surrogates
+        return False
+    return "\n" not in name and "\r" not in name
+
+
 def member_path(root: Path, name: str, archive: str) -> Path:
     """Where member `name` goes under `root`; ArchiveError if it would land anywhere else."""
 
@@ -71,6 +84,8 @@ def member_path(root: Path, name: str, archive: str) -> Path:
 
     if "\0" in name:
         raise refuse("has a NUL byte in its name")
+    if not printable_name(name):
+        raise refuse("has a name that is not valid UTF-8 or holds a line break")
     posix = name.replace("\\", "/")  # zips written on Windows may separate with backslashes
     if posix.startswith("/") or PureWindowsPath(name).drive:
         raise refuse("has an absolute path")
@@ -120,11 +135,12 @@ def _extract_zip(archive: Path, root: Path, budget: _Budget) -> None:
         raise ArchiveError(f"{archive.name}: corrupt zip archive: {error}") from None
     with zf:
         members = zf.infolist()
-        declared = sum(info.file_size for info in members)
+        declared = sum(info.file_size for info in members) + MEMBER_COST * len(members)
         if declared > budget.max_bytes:
             budget.spend(declared, members[-1].filename)  # raises: fail before writing anything
         for info in members:
             dest = member_path(root, info.filename, archive.name)
+            budget.spend(MEMBER_COST, info.filename)
             kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type, 0 from other systems
             if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
                 what = "is a symbolic link" if kind == stat.S_IFLNK else "is not a regular file"
@@ -162,6 +178,7 @@ def _extract_tar(archive: Path, root: Path, budget: _Budget) -> None:
             if member is None:
                 return
             dest = member_path(root, member.name, archive.name)
+            budget.spend(MEMBER_COST, member.name)
             if member.isdir():
                 _mkdir(dest, member.name, budget)
             elif member.isreg():

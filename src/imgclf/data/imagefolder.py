@@ -4,7 +4,9 @@ download (`fetch_imagefolder`): `data.path`, a local folder, is copied; `data.ur
 archive, is downloaded (through the cache when `data.sha256` pins it) and extracted safely
 (imgclf.data.archives). Either way data/raw/imagefolder/<class>/... holds the image files as they
 were, under their own names: raw data stays raw, and decoding choices (size, mode) belong to the
-normalize stage, so changing them does not download again.
+normalize stage. DVC still re-runs download when any `data.*` key changes (a stage can only
+declare keys that every data set has); unchanged files hash the same, so nothing after it re-runs
+for that, and only an archive without `data.sha256` (not cached) is downloaded again.
 
 normalize (`decode_folder`): every file goes through imgclf.images.decode_image, the function
 predict and serve use, in a pool of processes; the pixels are appended to a flat file that the
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.config import ImageFolderData
-from imgclf.data.archives import extract_archive
+from imgclf.data.archives import extract_archive, printable_name
 from imgclf.data.fetch import (
     DownloadError,
     RemoteFile,
@@ -132,12 +134,16 @@ def scan(root: Path) -> tuple[dict[str, list[Path]], list[Path]]:
         if not entry.is_dir():
             ignored.append(entry)
             continue
+        if not printable_name(entry.name):  # a class name goes in classes.json and the model
+            raise ImgclfError(f"{str(entry)!r}: the name is not valid UTF-8 or holds a line break")
         files = []
         for folder, dirs, names in os.walk(entry):  # symlinked folders are not followed: no loops
             dirs[:] = [d for d in dirs if visible(d)]
             for name in names:
                 if visible(name):
                     path = Path(folder, name)
+                    if not printable_name(path.name):
+                        raise ImgclfError(f"{str(path)!r}: the name is not valid UTF-8 or holds a line break")
                     (files if path.suffix.lower() in IMAGE_SUFFIXES else ignored).append(path)
         classes[entry.name] = sorted(files)
     return classes, sorted(ignored)
