@@ -21,7 +21,7 @@ from imgclf import tracking
 from imgclf.config import Config, TrainConfig
 from imgclf.data.datamodule import ImageDataModule
 from imgclf.data.normalize import load_metadata
-from imgclf.fileio import atomic_path, write_json
+from imgclf.fileio import atomic_path, read_json, write_json
 from imgclf.models import build_from_card
 
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -154,12 +154,15 @@ class MlflowEpochMetrics(Callback):
         self.curves, self.write, self.flush_seconds = curves, write, flush_seconds
         self.sent = 0
         self.last_flush = time.monotonic()
+        self.seconds = 0.0  # spent writing: the cost of tracking, reported in metrics/train.json
 
     def flush(self) -> None:
         rows = self.curves.rows[self.sent :]
         points = [(key, value, row["epoch"]) for row in rows for key, value in row.items() if key != "epoch"]
         if points:
+            started = time.perf_counter()
             self.write(points)
+            self.seconds += time.perf_counter() - started
         self.sent += len(rows)
         self.last_flush = time.monotonic()
 
@@ -181,8 +184,9 @@ def network_card(config: Config, data_dir: Path, input_shape: tuple[int, ...]) -
     return {
         "model": config.model.model_dump(),
         "input_shape": list(input_shape),
-        # How an image of any size becomes input_shape: predict and serve resize uploads this way.
-        "resize": getattr(config.data, "resize", "stretch"),
+        # How an image of any size became input_shape (normalize's choice, data/normalized/input.json):
+        # predict and serve resize uploads this way.
+        "resize": read_json(data_dir / "input.json")["resize"],
         "classes": classes,
         "stats": stats,
     }
@@ -288,6 +292,7 @@ def train(
         "best_epoch": best_row["epoch"],
         "epochs": len(curves.rows),
         "train_seconds": round(seconds, 3),
+        "tracking_seconds": round(to_mlflow.seconds, 3),
         "train_images_per_s": round(len(curves.rows) * len(datamodule.splits["train"][1]) / seconds, 1),
     }
     write_json(metrics_out, metrics)
