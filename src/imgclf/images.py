@@ -92,15 +92,7 @@ def decode_image_with_info(
     data: bytes | str | os.PathLike, spec: ImageSpec, max_pixels: int
 ) -> tuple[np.ndarray, SourceInfo]:
     """`decode_image`, plus what the source was (for the data report)."""
-    if isinstance(data, bytes):
-        size, source = len(data), io.BytesIO(data)
-    else:
-        # A path is opened by Pillow itself, so only the header is read before the pixel check.
-        # A missing file raises FileNotFoundError here: the caller's mistake, not a bad image.
-        size, source = os.stat(data).st_size, os.fspath(data)
-    if size == 0:
-        raise BadImage("empty file")
-    with _open(source, max_pixels) as image:
+    with _open(data, max_pixels) as image:
         mode = image.mode
         try:
             image.load()  # Image.open read the header only: decode now, so truncation fails here
@@ -113,8 +105,22 @@ def decode_image_with_info(
     return np.ascontiguousarray(pixels), info
 
 
-def _open(source: io.BytesIO | str, max_pixels: int) -> Image.Image:
+def image_size(data: bytes | str | os.PathLike, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header alone; BadImage as `decode_image` would for the header."""
+    with _open(data, max_pixels) as image:
+        return image.size
+
+
+def _open(data: bytes | str | os.PathLike, max_pixels: int) -> Image.Image:
     """Pillow's lazy open (header only), refusing sizes over `max_pixels` before any decoding."""
+    if isinstance(data, bytes):
+        size, source = len(data), io.BytesIO(data)
+    else:
+        # A path is opened by Pillow itself, so only the header is read before the pixel check.
+        # A missing file raises FileNotFoundError here: the caller's mistake, not a bad image.
+        size, source = os.stat(data).st_size, os.fspath(data)
+    if size == 0:
+        raise BadImage("empty file")
     try:
         with warnings.catch_warnings():
             # Pillow warns above its own limit; the check below against max_pixels decides instead.
@@ -154,9 +160,15 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
     """16-bit greyscale to "L" by scaling 0..65535 to 0..255 (Pillow's own conversion clips)."""
-    # Mode "I" (32-bit) is how Pillow opens 16-bit PNG and TIFF greyscale too: read as 16-bit.
-    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    # One int32 copy, worked on in place: 4 bytes a pixel, where whole-array int64 expressions
+    # took about 20, and a small PNG may hold tens of megapixels. Mode "I" (32-bit) is read as
+    # 16-bit too, as Pillow may open 16-bit greyscale that way.
+    values = np.array(image, dtype=np.int32)
+    np.clip(values, 0, 65535, out=values)
+    values *= 255  # at most 16_711_425: no overflow in int32
+    values += 32767  # rounds to nearest
+    values //= 65535
+    return Image.fromarray(values.astype(np.uint8))
 
 
 def _resize(image: Image.Image, spec: ImageSpec) -> Image.Image:

@@ -2,13 +2,14 @@
 
 import io
 import struct
+import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.images import BadImage, ImageSpec, decode_image, decode_image_with_info
+from imgclf.images import BadImage, ImageSpec, decode_image, decode_image_with_info, image_size
 
 RGB_4x4 = ImageSpec("RGB", (4, 4), "stretch")
 GREY_4x4 = ImageSpec("L", (4, 4), "stretch")
@@ -81,6 +82,23 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped():
     assert pixels[0, 0].tolist() == [0, 1, 128, 255]  # Pillow's own convert("L") gives 0, 255, 255, 255
     rgb = decode_image(encode(Image.fromarray(values), "PNG"), RGB_4x4, MAX)
     assert rgb.shape == (3, 4, 4) and rgb[:, 0, 3].tolist() == [255, 255, 255]
+
+
+def test_sixteen_bit_conversion_takes_few_bytes_a_pixel():
+    # A 16-bit PNG of one value compresses to a few kB, so the decoded size, not the upload's,
+    # bounds the memory. Whole-array int64 arithmetic took 17 bytes a pixel of numpy memory;
+    # 40 megapixels, most of a gigabyte.
+    side = 1000
+    data = encode(Image.fromarray(np.full((side, side), 40000, dtype=np.uint16)), "PNG")
+    assert len(data) < 10_000
+    tracemalloc.start()
+    try:
+        pixels = decode_image(data, GREY_4x4, side * side)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert pixels[0].tolist() == [[156] * 4] * 4  # round(40000 * 255 / 65535) = round(155.6)
+    assert peak < 8 * side * side
 
 
 def test_palette_png_with_and_without_transparency():
@@ -187,8 +205,11 @@ def test_formats_outside_the_common_ones_are_refused():
 def test_pixel_cap_is_checked_before_decoding():
     data = encode(Image.new("RGB", (100, 60)), "PNG")
     assert decode_image(data, RGB_4x4, max_pixels=6000).shape == (3, 4, 4)
+    assert image_size(data, max_pixels=6000) == (100, 60)  # the header alone, as a server sums it
     with pytest.raises(BadImage, match="100x60 = 6000 > 5999"):
         decode_image(data, RGB_4x4, max_pixels=5999)
+    with pytest.raises(BadImage, match="100x60 = 6000 > 5999"):
+        image_size(data, max_pixels=5999)
     # Over twice Pillow's own limit, Pillow refuses at open; that is a bad image too, not a crash.
     with pytest.raises(BadImage, match="decompression bomb"):
         decode_image(png_header_only(30_000, 30_000), RGB_4x4, max_pixels=10**12)

@@ -1,17 +1,23 @@
 """The HTTP API on a real uvicorn server: answers equal ONNX Runtime and `imgclf predict`, and
 every kind of bad input gets a 4xx with a JSON detail, never a 5xx."""
 
+import dataclasses
 import json
 import os
 import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from imgclf.serving.app import FULL_SIZE_IMAGES_PER_REQUEST, MAX_FILES, create_app
+from imgclf.serving.model import ServedModel
 from tests.conftest import REPO, tool_env
-from tests.serving.conftest import TOKEN, encode, grey_png
+from tests.serving.conftest import TOKEN, encode, grey_png, running_server
 
 
 def post_files(client, *files, **params) -> httpx.Response:
@@ -173,6 +179,48 @@ def test_one_bad_file_refuses_the_whole_request(client, digits_splits):
     assert "bad.png" in response.json()["detail"]
 
 
+def test_images_over_the_pixel_limit_per_request_are_413(served_model):
+    # Small files may decode to large images: the body limit alone does not bound a request's memory.
+    small_limit = dataclasses.replace(served_model, max_pixels=100 * 100)
+    png = encode(Image.new("L", (100, 100), 255))  # a few hundred bytes, at the per-image limit
+    files = [(f"{i}.png", png, "image/png") for i in range(FULL_SIZE_IMAGES_PER_REQUEST + 1)]
+    with running_server(create_app(small_limit)) as url, httpx.Client(base_url=url) as client:
+        response = post_files(client, *files)
+        assert response.status_code == 413
+        over = f"{len(files) * 100 * 100} pixels in all, over the limit of {(len(files) - 1) * 100 * 100}"
+        assert over in response.json()["detail"]
+        assert post_files(client, *files[:-1]).status_code == 200
+
+
+def test_decodes_in_flight_are_bounded_across_requests(served_model, digits_splits):
+    lock = threading.Lock()
+    decoding = {"now": 0, "most": 0}
+
+    class SlowDecodes(ServedModel):
+        """Counts the decodes in flight; each lasts long enough for the others to overlap it."""
+
+        def preprocess(self, data):
+            with lock:
+                decoding["now"] += 1
+                decoding["most"] = max(decoding["most"], decoding["now"])
+            time.sleep(0.05)
+            with lock:
+                decoding["now"] -= 1
+            return super().preprocess(data)
+
+    slow = SlowDecodes(**{f.name: getattr(served_model, f.name) for f in dataclasses.fields(served_model)})
+    png = ("a.png", grey_png(digit_image(digits_splits)), "image/png")
+
+    def request(url: str) -> int:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            return post_files(client, png, png).status_code
+
+    with running_server(create_app(slow, decodes_at_once=2)) as url, ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(request, [url] * 8))
+    assert statuses == [200] * 8
+    assert decoding["most"] == 2  # 8 requests overlapped, and never more than 2 decoded at once
+
+
 def test_body_over_the_limit_is_413(client):
     eleven_mb = os.urandom(11 * 1024 * 1024)
     response = post_files(client, ("big.png", eleven_mb, "image/png"))
@@ -290,8 +338,6 @@ def test_metrics_count_requests_statuses_latency_and_classes(client, digits_spli
 
 
 def test_more_files_than_allowed_is_400(client, digits_splits):
-    from imgclf.serving.app import MAX_FILES
-
     png = grey_png(digit_image(digits_splits))
     response = post_files(client, *[(f"{i}.png", png, "image/png") for i in range(MAX_FILES + 1)])
     assert response.status_code == 400
@@ -311,11 +357,6 @@ class BrokenSession:
 
 
 def test_a_bug_is_a_json_500_without_a_traceback(served_model, digits_splits):
-    import dataclasses
-
-    from imgclf.serving.app import create_app
-    from tests.serving.conftest import running_server
-
     broken = dataclasses.replace(served_model, session=BrokenSession())
     with running_server(create_app(broken)) as url, httpx.Client(base_url=url) as client:
         response = post_files(client, ("a.png", grey_png(digit_image(digits_splits)), "image/png"))

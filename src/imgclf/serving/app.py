@@ -8,7 +8,11 @@ Every answer to bad input is a 4xx with a JSON `detail`; an unexpected failure i
 JSON `detail` and no traceback (the traceback goes to the server's log).
 """
 
+import contextlib
 import logging
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,7 +25,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgclf import __version__
-from imgclf.images import BadImage
+from imgclf.images import BadImage, image_size
 from imgclf.serving.limits import RequestGuard
 from imgclf.serving.metrics import Metrics, MetricsMiddleware
 from imgclf.serving.model import ServedModel
@@ -31,6 +35,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 MIB = 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = 10 * MIB
 MAX_FILES = 64  # per request: each may decode up to max_pixels, so the work per request is bounded
+# A request's images together hold at most this many times the per-image pixel limit: a small
+# file may decode to a large image, so the body size alone does not bound the memory a request takes.
+FULL_SIZE_IMAGES_PER_REQUEST = 4
+# Decodes in flight at once, across all requests: each may hold a full-size image in memory.
+DECODES_AT_ONCE = os.cpu_count() or 1
 PART_TYPES = ("application/octet-stream", "")  # besides image/*: what clients send when unsure
 log = logging.getLogger("imgclf.serving")
 
@@ -71,16 +80,21 @@ class ErrorDetail(BaseModel):
 ERRORS = {
     400: {"model": ErrorDetail, "description": "not an image, truncated, or too many pixels"},
     401: {"model": ErrorDetail, "description": "a token is set and the request lacks it"},
-    413: {"model": ErrorDetail, "description": "request body over the limit"},
+    413: {"model": ErrorDetail, "description": "request body, or the images' pixels in all, over the limit"},
     415: {"model": ErrorDetail, "description": "not multipart/form-data, or a part that is not an image"},
 }
 
 
 def create_app(
-    model: ServedModel, token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    model: ServedModel,
+    token: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    decodes_at_once: int = DECODES_AT_ONCE,
 ) -> ASGIApp:
     """The ASGI app: metrics around the request guard around the FastAPI routes."""
     metrics = Metrics(model.name, model.version)
+    decode_slots = threading.BoundedSemaphore(decodes_at_once)
+    max_request_pixels = FULL_SIZE_IMAGES_PER_REQUEST * model.max_pixels
     api = FastAPI(
         title="imgclf",
         version=__version__,
@@ -116,7 +130,22 @@ def create_app(
         the event loop (ONNX Runtime releases the GIL while it runs).
         """
         names = [upload.filename or "" for upload in file]
-        images = [_decode(model, upload, name) for upload, name in zip(file, names, strict=True)]
+        uploads = [(name, _read(upload, name)) for upload, name in zip(file, names, strict=True)]
+        pixels = 0
+        for name, data in uploads:  # every header before any decoding: a refusal costs little
+            with _bad_image_is_400(name):
+                width, height = image_size(data, model.max_pixels)
+            pixels += width * height
+        if pixels > max_request_pixels:
+            raise HTTPException(
+                413,
+                f"the {len(uploads)} images hold {pixels} pixels in all, over the limit of "
+                f"{max_request_pixels} per request: send fewer or smaller images",
+            )
+        images = []
+        for name, data in uploads:
+            with decode_slots, _bad_image_is_400(name):
+                images.append(model.preprocess(data))
         probabilities = model.predict(np.stack(images))
         answers = [prediction(n, p, model.classes, top_k) for n, p in zip(names, probabilities, strict=True)]
         for answer in answers:
@@ -168,11 +197,16 @@ class InternalErrors:
             await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send)
 
 
-def _decode(model: ServedModel, upload: UploadFile, name: str) -> np.ndarray:
+def _read(upload: UploadFile, name: str) -> bytes:
     media_type = (upload.content_type or "").split(";")[0].strip().lower()
     if not media_type.startswith("image/") and media_type not in PART_TYPES:
         raise HTTPException(415, f"file {name!r}: content type {media_type!r} is not an image type")
+    return upload.file.read()
+
+
+@contextlib.contextmanager
+def _bad_image_is_400(name: str) -> Iterator[None]:
     try:
-        return model.preprocess(upload.file.read())
+        yield
     except BadImage as error:
         raise HTTPException(400, f"file {name!r}: {error}") from None
