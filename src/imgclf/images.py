@@ -29,6 +29,10 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 # What Pillow may raise on a corrupt or hostile file; anything else is a bug and propagates.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+# Pillow warns above its own pixel limit at open; the explicit check against max_pixels decides
+# instead. Set once for the process: warnings.catch_warnings around each open would swap the
+# process-wide filter list, which is not thread-safe, and the server decodes in many threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class BadImage(ValueError):
@@ -122,10 +126,7 @@ def _open(data: bytes | str | os.PathLike, max_pixels: int) -> Image.Image:
     if size == 0:
         raise BadImage("empty file")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns above its own limit; the check below against max_pixels decides instead.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source, formats=FORMATS)
+        image = Image.open(source, formats=FORMATS)
     except Image.DecompressionBombError as error:
         raise BadImage(f"too many pixels: {_one_line(error)}") from None
     except Image.UnidentifiedImageError:

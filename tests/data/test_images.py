@@ -2,6 +2,8 @@
 
 import io
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zlib
 
@@ -10,6 +12,7 @@ import pytest
 from PIL import Image
 
 from imgclf.images import BadImage, ImageSpec, decode_image, decode_image_with_info, image_size
+from tests.conftest import REPO, tool_env
 
 RGB_4x4 = ImageSpec("RGB", (4, 4), "stretch")
 GREY_4x4 = ImageSpec("L", (4, 4), "stretch")
@@ -187,6 +190,40 @@ def test_not_images_are_bad_images_with_a_reason(tmp_path, data, reason):
         with pytest.raises(BadImage, match=reason) as error:
             decode_image(source, RGB_4x4, MAX)
         assert "\n" not in str(error.value)
+
+
+WARNINGS_PROBE = """
+import sys, warnings
+from pathlib import Path
+from imgclf.images import BadImage, ImageSpec, decode_image
+
+def swap_the_filters(*args, **kwargs):
+    raise AssertionError("warnings.catch_warnings per decode: threads decoding at once race on it")
+
+warnings.catch_warnings = swap_the_filters
+try:
+    decode_image(Path(sys.argv[1]).read_bytes(), ImageSpec("L", (4, 4)), 10**6)
+except BadImage as error:
+    print(error)
+"""
+
+
+def test_pillows_bomb_warning_is_off_without_touching_warnings_per_decode(tmp_path):
+    """100 megapixels: over Pillow's warning threshold, under its error; the explicit check answers.
+
+    In a subprocess under `-W error`: pytest resets warning filters around each test, which would
+    hide both a missing filter and one set per call."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header_only(10_000, 10_000))
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", WARNINGS_PROBE, str(path)],
+        env=tool_env(REPO),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("too many pixels, a decompression bomb: 10000x10000")
 
 
 def test_formats_outside_the_common_ones_are_refused():
