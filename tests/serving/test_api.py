@@ -294,6 +294,23 @@ def test_token_guards_v1_but_not_health_or_page(secured_url, digits_splits):
         assert post_files(allowed, image).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "authorization, status",
+    [
+        (f"bearer {TOKEN}", 200),
+        (f"BEARER  {TOKEN}", 200),
+        (f"bearer {TOKEN}x", 401),
+        (f"bearer {TOKEN[:-1]}", 401),
+        (f"Basic {TOKEN}", 401),
+        (TOKEN, 401),
+        (f"Bearer{TOKEN}", 401),
+    ],
+)
+def test_the_bearer_scheme_is_case_insensitive_and_the_token_exact(secured_url, authorization, status):
+    with httpx.Client(base_url=secured_url) as client:
+        assert client.get("/v1/model", headers={"Authorization": authorization}).status_code == status
+
+
 def test_web_page_docs_and_openapi_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

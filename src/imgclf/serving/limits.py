@@ -19,7 +19,7 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, max_body_bytes: int, token: str | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.token = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,9 +39,12 @@ class RequestGuard:
     def refusal(self, scope: Scope, headers: Headers) -> tuple[int, str, dict[str, str]] | None:
         """(status, detail, extra headers) if the request is refused, else None."""
         path = scope["path"]
-        if self.expected is not None and path.startswith(PROTECTED_PREFIX):
-            given = headers.get("authorization", "").encode()
-            if not secrets.compare_digest(given, self.expected):
+        if self.token is not None and path.startswith(PROTECTED_PREFIX):
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            # The scheme is case-insensitive (RFC 7235). The token, as the bytes sent (Starlette
+            # decodes header values as latin-1), is compared in constant time.
+            token = given.lstrip(" ").encode("latin-1")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token, self.token):
                 detail = "missing or wrong bearer token: send `Authorization: Bearer <token>`"
                 return 401, detail, {"www-authenticate": "Bearer"}
         length = headers.get("content-length", "")
