@@ -2,7 +2,8 @@
 
 The model is trained here for a few seconds with a plain PyTorch loop on the digits splits that
 the real download and normalize stages produce, then exported by the export stage's `to_onnx`,
-so its predictions mean something and its file is what the pipeline would ship.
+so its predictions mean something and its file is what the pipeline would ship. It is exported
+twice: with `resize: stretch` (the model most tests serve) and with `resize: crop`.
 """
 
 import contextlib
@@ -36,19 +37,18 @@ def digits_splits(digits_dirs) -> dict:
 
 
 @pytest.fixture(scope="session")
-def model_path(digits_splits, tmp_path_factory) -> Path:
-    """models/model.onnx and its sidecar model.json, as the export stage lays them out."""
+def digits_network(digits_splits) -> tuple:
+    """(the trained network with its softmax, an example batch, its model card without "resize")."""
     import torch
     from torch.nn import functional
 
-    from imgclf.export import Probabilities, input_spec, to_onnx
+    from imgclf.export import Probabilities
     from imgclf.models import build_from_card
 
     images, labels = digits_splits["train"]
     card = {
         "model": {"name": "mlp", "hidden": [64], "activation": "relu", "dropout": 0.0},
         "input_shape": list(images.shape[1:]),
-        "resize": "stretch",
         "classes": digits_splits["classes"],
         "stats": digits_splits["stats"],
     }
@@ -62,9 +62,16 @@ def model_path(digits_splits, tmp_path_factory) -> Path:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    model = Probabilities(net).eval()
-    proto = to_onnx(model, x[:2], card)
-    folder = tmp_path_factory.mktemp("models")
+    return Probabilities(net).eval(), x[:2], card
+
+
+def export_model(digits_network: tuple, folder: Path, resize: str) -> Path:
+    """model.onnx and its sidecar model.json, as the export stage lays them out in models/."""
+    from imgclf.export import input_spec, to_onnx
+
+    model, example, card = digits_network
+    card = {**card, "resize": resize}
+    proto = to_onnx(model, example, card)
     (folder / "model.onnx").write_bytes(proto.SerializeToString())
     sidecar = {
         "name": "digits-test",
@@ -74,6 +81,18 @@ def model_path(digits_splits, tmp_path_factory) -> Path:
     }
     (folder / "model.json").write_text(json.dumps(sidecar))
     return folder / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def model_path(digits_network, tmp_path_factory) -> Path:
+    """The model that stretches an image to its 8x8 input."""
+    return export_model(digits_network, tmp_path_factory.mktemp("models"), "stretch")
+
+
+@pytest.fixture(scope="session")
+def crop_model_path(digits_network, tmp_path_factory) -> Path:
+    """The same network, exported to centre-crop an image to its 8x8 input."""
+    return export_model(digits_network, tmp_path_factory.mktemp("crop-models"), "crop")
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +108,14 @@ def reference_session(model_path):
     import onnxruntime as ort
 
     return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+
+
+def reference_answer(reference_session, data: bytes, spec) -> np.ndarray:
+    """The reference session's probabilities for an image file decoded by `decode_image` with `spec`."""
+    from imgclf.images import decode_image
+
+    pixels = decode_image(data, spec, max_pixels=10**8)
+    return reference_session.run(None, {"image": pixels[None]})[0][0]
 
 
 @contextlib.contextmanager
@@ -145,6 +172,16 @@ def encode(image: Image.Image, format: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format, **options)
     return buffer.getvalue()
+
+
+def wide_digits(digits_splits, indices=(0, 5, 9), scale: int = 8) -> np.ndarray:
+    """Three test digits side by side, each scaled up `scale` times: a uint8 (8, 24) * scale image.
+
+    Larger than the 8x8 model input and three times as wide as high, so the centre crop (the
+    middle digit alone) and the stretch (all three, squeezed) are different inputs.
+    """
+    strip = np.concatenate([digits_splits["test"][0][i][0] for i in indices], axis=1)
+    return np.kron(strip, np.ones((scale, scale), dtype=np.uint8))
 
 
 def grey_png(pixels: np.ndarray) -> bytes:

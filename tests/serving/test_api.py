@@ -14,10 +14,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgclf.images import ImageSpec
 from imgclf.serving.app import FULL_SIZE_IMAGES_PER_REQUEST, MAX_FILES, create_app
 from imgclf.serving.model import ServedModel
 from tests.conftest import REPO, tool_env
-from tests.serving.conftest import TOKEN, encode, grey_png, running_server
+from tests.serving.conftest import (
+    TOKEN,
+    encode,
+    grey_png,
+    reference_answer,
+    running_server,
+    wide_digits,
+)
+
+# The served model's input, as the test model's card says; the crop model differs only in resize.
+STRETCH = ImageSpec("L", (8, 8), "stretch")
+CROP = ImageSpec("L", (8, 8), "crop")
 
 
 def post_files(client, *files, **params) -> httpx.Response:
@@ -27,6 +39,11 @@ def post_files(client, *files, **params) -> httpx.Response:
 def probabilities_of(response: httpx.Response, index: int = 0) -> dict[str, float]:
     assert response.status_code == 200, response.text
     return response.json()["predictions"][index]["probabilities"]
+
+
+def vector(probabilities: dict[str, float]) -> np.ndarray:
+    """An answer's probabilities in class order (the order the API lists all classes in)."""
+    return np.array(list(probabilities.values()))
 
 
 def test_health_and_model_card(client, served_model):
@@ -133,13 +150,39 @@ def test_palette_and_16_bit_pngs_decode_to_the_same_pixels(client, digits_splits
     assert got == want
 
 
-def test_greyscale_jpeg_and_large_colour_photo_are_resized(client):
-    rng = np.random.default_rng(0)
-    jpeg = encode(Image.fromarray(rng.integers(0, 256, (64, 48), dtype=np.uint8), "L"), "JPEG")
-    photo = encode(Image.fromarray(rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)), "JPEG")
+def test_greyscale_jpeg_and_large_colour_photo_are_resized(client, digits_splits, reference_session):
+    wide = wide_digits(digits_splits)  # 64x192
+    jpeg = encode(Image.fromarray(wide, "L"), "JPEG")
+    tinted = np.stack([wide, wide // 4 * 3, wide // 2], axis=-1)  # a tint that keeps the digits in grey
+    photo = encode(Image.fromarray(tinted).resize((900, 300), Image.Resampling.NEAREST), "JPEG")
     response = post_files(client, ("grey.jpg", jpeg, "image/jpeg"), ("photo.jpg", photo, "image/jpeg"))
-    for prediction in response.json()["predictions"]:
-        assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    for index, data in enumerate((jpeg, photo)):
+        want = reference_answer(reference_session, data, STRETCH)
+        np.testing.assert_allclose(vector(probabilities_of(response, index)), want, rtol=0, atol=1e-6)
+        # What a centre crop would give is far from it: the comparison tells the two apart.
+        assert np.abs(want - reference_answer(reference_session, data, CROP)).max() > 0.1
+
+
+@pytest.fixture(scope="module")
+def crop_url(crop_model_path):
+    with running_server(create_app(ServedModel.load(str(crop_model_path), threads=1))) as url:
+        yield url
+
+
+def test_a_crop_model_classifies_the_centre_of_a_wide_image(crop_url, crop_model_path, client, digits_splits):
+    import onnxruntime as ort
+
+    data = grey_png(wide_digits(digits_splits, (0, 5, 9)))
+    with httpx.Client(base_url=crop_url) as crop_client:
+        assert crop_client.get("/v1/model").json()["input"]["resize"] == "crop"
+        cropped = vector(probabilities_of(post_files(crop_client, ("wide.png", data, "image/png"))))
+    crop_reference = ort.InferenceSession(str(crop_model_path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(cropped, reference_answer(crop_reference, data, CROP), rtol=0, atol=1e-6)
+    stretched = vector(probabilities_of(post_files(client, ("wide.png", data, "image/png"))))
+    assert np.abs(cropped - stretched).max() > 0.1
+    # The centre is the middle digit: it gets the label that digit gets alone.
+    alone = vector(probabilities_of(post_files(client, ("5.png", grey_png(digit_image(digits_splits, 5))))))
+    assert cropped.argmax() == alone.argmax()
 
 
 def bomb_png() -> bytes:

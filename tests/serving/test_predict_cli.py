@@ -11,8 +11,9 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from imgclf.images import ImageSpec
 from tests.conftest import REPO, tool_env
-from tests.serving.conftest import grey_png
+from tests.serving.conftest import grey_png, reference_answer, wide_digits
 
 
 def imgclf(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
@@ -93,12 +94,17 @@ def test_json_reports_missing_and_bad_files_and_still_predicts_the_rest(model_pa
     assert "3 of 4 files" in done.stderr
 
 
-def test_a_colour_photo_is_converted_and_resized(model_path, tmp_path):
+def test_a_colour_photo_is_converted_and_resized(model_path, tmp_path, digits_splits, reference_session):
+    wide = wide_digits(digits_splits, scale=20)  # 160x480
     photo = tmp_path / "photo.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(photo)
+    tinted = np.stack([wide, wide // 4 * 3, wide // 2], axis=-1)  # a tint that keeps the digits in grey
+    Image.fromarray(tinted).save(photo)
     done = imgclf("predict", "--model", str(model_path), "--json", str(photo))
     assert done.returncode == 0, done.stderr
-    assert sum(json.loads(done.stdout)["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    got = json.loads(done.stdout)["probabilities"]
+    # The model's input, as its card says: greyscale 8x8, stretched.
+    want = reference_answer(reference_session, photo.read_bytes(), ImageSpec("L", (8, 8), "stretch"))
+    np.testing.assert_allclose([got[c] for c in digits_splits["classes"]], want, rtol=0, atol=1e-6)
 
 
 def text_file(path):
