@@ -21,6 +21,11 @@ MODES = ("L", "RGB")
 # The formats Pillow may open: the common ones, decoded in-process. Others are refused, so an
 # upload cannot reach rarer decoders (EPS, for one, runs Ghostscript). JPEG covers phones' MPO.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Files taken as images when a folder is walked, by suffix (any case): those of FORMATS.
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm",
+)  # fmt: skip
 RESIZES = ("stretch", "crop")
 # One fixed filter: Pillow's BILINEAR widens its support when shrinking (it antialiases), and
 # reducing_gap=None turns off the JPEG/box shortcuts whose use depends on the input size.

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.images import BadImage, ImageSpec, decode_image, decode_image_with_info, image_size
+from imgclf.images import (
+    FORMATS,
+    IMAGE_SUFFIXES,
+    BadImage,
+    ImageSpec,
+    decode_image,
+    decode_image_with_info,
+    image_size,
+)
 from tests.conftest import REPO, tool_env
 
 RGB_4x4 = ImageSpec("RGB", (4, 4), "stretch")
@@ -237,6 +245,12 @@ def test_formats_outside_the_common_ones_are_refused():
     # A phone's MPO (a JPEG with more pictures appended) opens through the JPEG decoder.
     mpo = encode(colour, "MPO", save_all=True, append_images=[Image.new("RGB", (4, 4))])
     assert decode_image(mpo, RGB_4x4, MAX)[:, 2, 2].tolist() == pytest.approx([9, 99, 199], abs=4)
+
+
+def test_image_suffixes_are_those_of_the_accepted_formats():
+    by_suffix = Image.registered_extensions()
+    assert {by_suffix[suffix] for suffix in IMAGE_SUFFIXES} == set(FORMATS)
+    assert {".jfif", ".pbm", ".pnm"} <= set(IMAGE_SUFFIXES)  # the rarer names of JPEG and PPM
 
 
 def test_pixel_cap_is_checked_before_decoding():

@@ -94,6 +94,15 @@ def test_json_reports_missing_and_bad_files_and_still_predicts_the_rest(model_pa
     assert "3 of 4 files" in done.stderr
 
 
+def test_folders_are_walked_for_every_image_suffix(tmp_path):
+    from imgclf.serving.predict import image_files
+
+    for name in ("a.jfif", "b.PBM", "c.pnm", "d.webp", "notes.txt", "e.jpg.bak"):
+        (tmp_path / name).write_bytes(b"bytes")
+    found = [name for name, _ in image_files([str(tmp_path)])]
+    assert found == [str(tmp_path / name) for name in ("a.jfif", "b.PBM", "c.pnm", "d.webp")]
+
+
 def test_a_colour_photo_is_converted_and_resized(model_path, tmp_path, digits_splits, reference_session):
     wide = wide_digits(digits_splits, scale=20)  # 160x480
     photo = tmp_path / "photo.jpg"

@@ -1,6 +1,6 @@
 """`imgclf predict`: classify image files and folders with an exported model.
 
-Folders are walked (sorted, recursively, image extensions only); a file that cannot be read or
+Folders are walked (sorted, recursively, image suffixes only); a file that cannot be read or
 decoded gets its own line and the others are still classified, in batches through one session.
 `prediction` is also what the HTTP API answers for each upload, so both give the same record.
 """
@@ -12,12 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import ImgclfError
-from imgclf.images import BadImage
+from imgclf.images import IMAGE_SUFFIXES, BadImage
 from imgclf.serving.model import ServedModel
 
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm"}
-)
 BATCH = 256
 
 
@@ -44,12 +41,12 @@ def image_files(arguments: Iterable[str]) -> Iterator[tuple[str, Path | str]]:
             yield argument, path  # named files are tried whatever their extension
             continue
         try:
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         except OSError as error:  # an unreadable subfolder: report this argument, go on with the rest
             yield argument, f"cannot walk this folder: {error.strerror or error}: {error.filename}"
             continue
         if not found:
-            yield argument, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"
+            yield argument, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
         for file in found:
             yield str(file), file
 
