@@ -36,15 +36,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from imgclf.serving import server
+    from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, MIB
 
     token = args.token if args.token is not None else os.environ.get("IMGCLF_TOKEN")
+    max_body_bytes = DEFAULT_MAX_BODY_BYTES if args.max_body_mb is None else int(args.max_body_mb * MIB)
     server.serve(
         args.model,
         host=args.host,
         port=args.port,
         threads=args.threads,
         token=token or None,
-        max_body_bytes=int(args.max_body_mb * server.MIB),
+        max_body_bytes=max_body_bytes,
         max_pixels=int(args.max_megapixels * 1_000_000),
         access_log=args.access_log,
     )
@@ -102,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--token", help="require `Authorization: Bearer TOKEN` on /v1/* (default: $IMGCLF_TOKEN)"
     )
+    # No default here: it is the server's (serving.limits), which this module must not import.
     serve.add_argument(
-        "--max-body-mb", type=positive_float, default=10, help="largest request body, MiB (413 above)"
+        "--max-body-mb", type=positive_float, help="largest request body, MiB (default 10; 413 above)"
     )
     serve.add_argument(
         "--max-megapixels", type=positive_float, default=40, help="largest image, megapixels (400 above)"

@@ -16,6 +16,7 @@ from PIL import Image
 
 from imgclf.images import ImageSpec
 from imgclf.serving.app import FULL_SIZE_IMAGES_PER_REQUEST, MAX_FILES, create_app
+from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, MIB
 from imgclf.serving.model import ServedModel
 from tests.conftest import REPO, tool_env
 from tests.serving.conftest import (
@@ -269,6 +270,22 @@ def test_body_over_the_limit_is_413(client):
     response = post_files(client, ("big.png", eleven_mb, "image/png"))
     assert response.status_code == 413
     assert "over the limit" in response.json()["detail"]
+
+
+def test_serve_takes_the_servers_body_limit_unless_told_and_says_so(monkeypatch, capsys):
+    from imgclf import cli
+    from imgclf.serving import server
+
+    limits = []
+    monkeypatch.setattr(server, "serve", lambda model, **options: limits.append(options["max_body_bytes"]))
+    cli.main(["serve", "--model", "model.onnx"])
+    cli.main(["serve", "--model", "model.onnx", "--max-body-mb", "2.5"])
+    assert limits == [DEFAULT_MAX_BODY_BYTES, int(2.5 * MIB)]
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["serve", "--help"])
+    assert exit.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"largest request body, MiB (default {DEFAULT_MAX_BODY_BYTES // MIB}; 413 above)" in help_text
 
 
 def test_body_over_the_limit_without_content_length_is_413(client):

@@ -26,14 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgclf import __version__
 from imgclf.images import BadImage, image_size
-from imgclf.serving.limits import RequestGuard
+from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from imgclf.serving.metrics import Metrics, MetricsMiddleware
 from imgclf.serving.model import ServedModel
 from imgclf.serving.predict import prediction
 
 STATIC_DIR = Path(__file__).parent / "static"
-MIB = 1024 * 1024
-DEFAULT_MAX_BODY_BYTES = 10 * MIB
 MAX_FILES = 64  # per request: each may decode up to max_pixels, so the work per request is bounded
 # A request's images together hold at most this many times the per-image pixel limit: a small
 # file may decode to a large image, so the body size alone does not bound the memory a request takes.

@@ -11,6 +11,8 @@ import secrets
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+MIB = 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 10 * MIB  # `imgclf serve --max-body-mb` states it in its help: keep them equal
 PROTECTED_PREFIX = "/v1/"
 FORM_ROUTES = frozenset({("POST", "/v1/predict")})
 

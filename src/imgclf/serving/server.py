@@ -5,10 +5,9 @@ requests are classified in parallel on one shared session. uvicorn picks uvloop 
 when installed (`uvicorn[standard]`), which roughly halves the per-request overhead.
 """
 
-from imgclf.serving.app import MIB, create_app
+from imgclf.serving.app import create_app
+from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES
 from imgclf.serving.model import DEFAULT_MAX_PIXELS, ServedModel
-
-__all__ = ["MIB", "serve"]
 
 
 def serve(
@@ -17,7 +16,7 @@ def serve(
     port: int = 8000,
     threads: int = 1,
     token: str | None = None,
-    max_body_bytes: int = 10 * MIB,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     access_log: bool = False,
 ) -> None:
