@@ -75,12 +75,16 @@ class ImageSpec:
         """The (C, H, W) shape `decode_image` returns."""
         return (self.channels, *self.size)
 
-    def to_dict(self) -> dict:
-        return {"mode": self.mode, "size": list(self.size), "resize": self.resize}
-
     @classmethod
-    def from_dict(cls, data: dict) -> "ImageSpec":
-        return cls(mode=data["mode"], size=tuple(data["size"]), resize=data.get("resize", "crop"))
+    def from_input_metadata(cls, metadata: dict) -> "ImageSpec":
+        """The spec in an exported model's `imgclf.input` metadata (written by export.input_spec):
+        {"shape": ["batch", C, H, W], "mode": ..., "resize": ...}; ValueError if it is not one."""
+        channels, height, width = metadata["shape"][1:]
+        # Files exported before the resize policy was recorded were all made with "stretch".
+        spec = cls(metadata["mode"], (height, width), metadata.get("resize", "stretch"))
+        if channels != spec.channels:
+            raise ValueError(f"shape {metadata['shape']}: {channels} channels, but mode {spec.mode!r}")
+        return spec
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,16 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
-def test_spec_round_trips_through_a_dict_and_validates():
-    spec = ImageSpec("RGB", (32, 48), "crop")
+def test_spec_comes_from_an_exported_models_input_metadata_and_validates():
+    # As export.input_spec writes it into the ONNX file's `imgclf.input`.
+    metadata = {"name": "image", "dtype": "uint8", "shape": ["batch", 3, 32, 48], "mode": "RGB"}
+    spec = ImageSpec.from_input_metadata({**metadata, "resize": "crop", "layout": "NCHW"})
+    assert spec == ImageSpec("RGB", (32, 48), "crop")
     assert spec.channels == 3 and spec.shape == (3, 32, 48)
-    assert ImageSpec.from_dict(spec.to_dict()) == spec
-    assert ImageSpec.from_dict({"mode": "L", "size": [8, 8], "resize": "stretch"}).size == (8, 8)
+    # Files exported before the resize policy was recorded were all made with "stretch".
+    assert ImageSpec.from_input_metadata(metadata).resize == "stretch"
+    with pytest.raises(ValueError, match="1 channels, but mode 'RGB'"):
+        ImageSpec.from_input_metadata({**metadata, "shape": ["batch", 1, 32, 48]})
     with pytest.raises(ValueError, match="mode='CMYK'"):
         ImageSpec("CMYK", (8, 8))
     with pytest.raises(ValueError, match="size"):

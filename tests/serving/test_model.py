@@ -37,6 +37,18 @@ def test_a_broken_sidecar_is_a_model_error(model_path, tmp_path):
         ServedModel.load(str(tmp_path / "model.onnx"))
 
 
+def test_input_metadata_that_contradicts_itself_is_a_model_error(model_path, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(model_path))
+    for prop in proto.metadata_props:
+        if prop.key == "imgclf.input":
+            prop.value = json.dumps({**json.loads(prop.value), "mode": "RGB"})  # the shape says 1 channel
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    with pytest.raises(ModelError, match=r"bad imgclf metadata: .*1 channels, but mode 'RGB'"):
+        ServedModel.load(str(tmp_path / "model.onnx"))
+
+
 def test_preprocess_and_predict_agree_with_the_raw_array(served_model, reference_session, digits_splits):
     images = digits_splits["test"][0][:8]
     decoded = np.stack([served_model.preprocess(grey_png(image)) for image in images])

@@ -117,9 +117,7 @@ def from_file(
         classes = json.loads(metadata["imgclf.classes"])
         input_spec = json.loads(metadata["imgclf.input"])
         normalization = json.loads(metadata.get("imgclf.normalization", "{}"))
-        _channels, height, width = input_spec["shape"][1:]
-        # Files exported before the resize policy was recorded were all made with "stretch".
-        spec = ImageSpec(input_spec["mode"], (height, width), input_spec.get("resize", "stretch"))
+        spec = ImageSpec.from_input_metadata(input_spec)
     except (ValueError, KeyError, TypeError) as error:
         raise ModelError(f"model {source!r}: bad imgclf metadata: {error}") from None
     input_spec = {**input_spec, "resize": spec.resize}
