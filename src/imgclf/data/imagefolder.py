@@ -43,10 +43,8 @@ from imgclf.data.fetch import (
 )
 from imgclf.data.sources import RawDataset, register
 from imgclf.errors import ConfigError, ImgclfError
-from imgclf.images import BadImage, ImageSpec, SourceInfo, decode_image_with_info
+from imgclf.images import IMAGE_SUFFIXES, BadImage, ImageSpec, SourceInfo, decode_image_with_info
 
-# Files taken as images, by suffix (any case); anything else in a class folder is left out.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Litter that archivers and file browsers leave; hidden names (".DS_Store", "._a.jpg") too.
 LITTER = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 URL_SCHEMES = ("http", "https", "file")
