@@ -59,7 +59,7 @@ def test_default_config_reaches_097_test_accuracy(repo):
     assert confusion[0] == "actual,predicted" and len(confusion) == 271
 
 
-def test_mlflow_run_has_params_epoch_metrics_tags_and_model(repo, mlflow_run):
+def test_mlflow_run_has_params_epoch_metrics_tags_and_model(repo, mlflow_run, monkeypatch):
     client, mlflow_run_ = mlflow_run
     data = mlflow_run_.data
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -85,7 +85,8 @@ def test_mlflow_run_has_params_epoch_metrics_tags_and_model(repo, mlflow_run):
 
     import mlflow.pyfunc
 
-    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    # Not mlflow.set_tracking_uri: it would point every later test's MLflow calls at this store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo}/mlflow.db")
     served = mlflow.pyfunc.load_model(models[0].model_uri)
     images = np.load(repo / "data/normalized/test/images.npy")[:5]
     expected = inference_session(repo / "models/model.onnx").run(None, {"image": images})[0]
