@@ -11,29 +11,14 @@ import subprocess
 from pathlib import Path
 
 from imgclf.config import Config, flatten
+from imgclf.store import default_tracking_uri, repo_root, resolve_tracking_uri
 
-MLFLOW_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-
-
-def repo_root(start: Path | None = None) -> Path:
-    """DVC_ROOT when DVC runs us; else the nearest folder above `start` with a .dvc/ or .git/."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    start = (start or Path.cwd()).resolve()
-    for folder in (start, *start.parents):
-        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
-            return folder
-    return start
 
 
 def tracking_uri(config: Config) -> str:
     """MLFLOW_TRACKING_URI, else tracking.uri, else the repo's sqlite store (absolute path)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if config.tracking.uri:
-        return config.tracking.uri
-    return f"sqlite:///{repo_root() / MLFLOW_DB}"
+    return resolve_tracking_uri(config.tracking.uri)
 
 
 def git_state(root: Path) -> dict[str, str]:
@@ -104,7 +89,7 @@ def start_run(config: Config, tags: dict[str, str]) -> str:
     else:
         # Beside the default store, artifacts go to <repo root>/mlartifacts: an absolute place,
         # where MLflow would otherwise pick ./mlruns under whichever folder a stage runs in.
-        is_default = tracking_uri(config) == f"sqlite:///{repo_root() / MLFLOW_DB}"
+        is_default = tracking_uri(config) == default_tracking_uri()
         location = (repo_root() / ARTIFACTS_DIR).as_uri() if is_default else None
         experiment_id = mlflow_client.create_experiment(config.tracking.experiment, location)
     run = mlflow_client.create_run(experiment_id, tags=tags, run_name=tags.get("dvc.exp_name"))

@@ -136,3 +136,20 @@ def test_a_registry_uri_without_a_store_says_what_to_do(tmp_path, monkeypatch):
 
 def test_model_card_is_json_serialisable(served_model):
     assert json.loads(json.dumps(served_model.describe()))["classes"] == list(served_model.classes)
+
+
+def test_registry_store_follows_the_pipelines_rule(tmp_path, monkeypatch):
+    from imgclf.serving.model import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"  # no params.yaml yet
+    (tmp_path / "params.yaml").write_text("tracking: {uri: 'http://127.0.0.1:5000', experiment: x}\n")
+    assert tracking_uri() == "http://127.0.0.1:5000"  # the config's tracking.uri, as export used
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere.db")
+    assert tracking_uri() == "sqlite:////elsewhere.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / "params.yaml").write_text("tracking: [not, a, mapping]\n")
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"

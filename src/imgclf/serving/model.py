@@ -21,6 +21,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from imgclf.errors import ConfigError
 from imgclf.images import ImageSpec, decode_image
+from imgclf.store import repo_root, resolve_tracking_uri
 
 # 40 megapixels: a large phone photo decodes, a decompression bomb is refused from its header.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -188,16 +189,21 @@ def _read_sidecar(path: Path) -> dict | None:
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the repo's sqlite store: imgclf.tracking's rule without its config."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if os.environ.get("DVC_ROOT"):
-        root = Path(os.environ["DVC_ROOT"]).resolve()
-    else:
-        cwd = Path.cwd().resolve()
-        marked = (f for f in (cwd, *cwd.parents) if (f / ".dvc").is_dir() or (f / ".git").exists())
-        root = next(marked, cwd)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    """The pipeline's store: MLFLOW_TRACKING_URI, else params.yaml's tracking.uri, else mlflow.db."""
+    return resolve_tracking_uri(_configured_tracking_uri(repo_root() / "params.yaml"))
+
+
+def _configured_tracking_uri(params: Path) -> str | None:
+    """tracking.uri of the repo's params.yaml, read as plain YAML: the schema is for the stages."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(params.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    tracking = tree.get("tracking") if isinstance(tree, dict) else None
+    uri = tracking.get("uri") if isinstance(tracking, dict) else None
+    return uri if isinstance(uri, str) and uri else None
 
 
 def _load_registered(uri: str, threads: int, max_pixels: int) -> ServedModel:
