@@ -79,7 +79,7 @@ class ImageClassifier(L.LightningModule):
             return
         self._log_epoch("train")
         self._log_epoch("val")
-        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        self.log("lr", self.optimizers().param_groups[0]["lr"], sync_dist=True)
 
     def configure_optimizers(self):
         cfg = self.train_config

@@ -30,6 +30,21 @@ def test_same_seed_gives_same_batches_and_another_seed_does_not():
     assert batches(seed=7) != batches(seed=8)
 
 
+def test_ddp_processes_share_an_epoch_without_overlap_in_equal_steps():
+    images = torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1)
+    shards = [
+        TensorBatches(images, torch.arange(11), 2, shuffle=True, seed=3, rank=rank, world_size=3)
+        for rank in range(3)
+    ]
+    seen = [[label for _, labels in shard for label in labels.tolist()] for shard in shards]
+    assert [len(shard) for shard in shards] == [2, 2, 2]  # 11 // 3 = 3 images each, in 2 steps
+    assert [len(labels) for labels in seen] == [3, 3, 3]
+    dealt = [label for labels in seen for label in labels]
+    assert len(set(dealt)) == 9  # disjoint: 2 images of 11 wait for the next epoch
+    whole = next(iter(TensorBatches(images, torch.arange(11), 11, shuffle=True, seed=3)))[1].tolist()
+    assert sorted(dealt) == sorted(whole[:9])  # the same permutation, dealt out
+
+
 def test_images_stay_paired_with_their_labels():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
     for x, y in TensorBatches(images, torch.arange(10), 3, shuffle=True, seed=1):

@@ -17,7 +17,12 @@ from imgclf.data.normalize import load_split
 
 
 class TensorBatches:
-    """An epoch of (images, labels) batches; a new seeded permutation per pass when shuffling."""
+    """An epoch of (images, labels) batches; a new seeded permutation per pass when shuffling.
+
+    Under DDP each of `world_size` processes takes every world_size-th index of the same
+    permutation, cut to an equal share (as DistributedSampler with drop_last does): processes
+    must run the same number of steps, and together they see each image at most once an epoch.
+    """
 
     def __init__(
         self,
@@ -26,21 +31,29 @@ class TensorBatches:
         batch_size: int,
         shuffle: bool,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
+    def _share(self) -> int:
+        n = len(self.labels)
+        return n // self.world_size if self.shuffle else n
+
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self._share() // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=generator)
+            order = order[: self._share() * self.world_size][self.rank :: self.world_size]
             self.epoch += 1
-            for start in range(0, n, self.batch_size):
+            for start in range(0, len(order), self.batch_size):
                 index = order[start : start + self.batch_size]
                 yield self.images[index], self.labels[index]
         else:
@@ -83,7 +96,15 @@ class ImageDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.splits["train"], self.batch_size, shuffle=True, seed=self.seed)
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return TensorBatches(
+            *self.splits["train"],
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+        )
 
     def val_dataloader(self) -> TensorBatches:
         return TensorBatches(*self.splits["val"], self.eval_batch_size, shuffle=False)

@@ -1,0 +1,61 @@
+"""DDP on CPU: two processes share each training epoch instead of both training on all of it."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, tool_env
+
+SCRIPT = """
+import sys
+import lightning as L
+from imgclf.config import MLPConfig, TrainConfig
+from imgclf.data.datamodule import ImageDataModule
+from imgclf.models import build_model
+from imgclf.training import ImageClassifier
+
+
+class Recording(ImageClassifier):
+    def on_train_epoch_start(self):
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen += batch[1].tolist()
+        return super().training_step(batch, batch_idx)
+
+    def on_train_epoch_end(self):
+        print(f"rank {self.global_rank} saw {len(self.seen)} images")
+
+
+if __name__ == "__main__":
+    datamodule = ImageDataModule(sys.argv[1], batch_size=64, seed=0)
+    net = build_model(MLPConfig(name="mlp", hidden=[16]), (1, 8, 8), 10, {"mean": [78.0], "std": [95.0]})
+    module = Recording(net, TrainConfig(max_epochs=1, batch_size=64, lr=1e-3))
+    L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ).fit(module, datamodule=datamodule)
+"""
+
+
+@pytest.mark.e2e
+def test_two_cpu_processes_each_train_on_half_the_epoch(digits_dirs, tmp_path):
+    from imgclf.data.normalize import load_split
+
+    _, normalized = digits_dirs
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(normalized)],
+        cwd=tmp_path,
+        env=tool_env(REPO),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    n_train = len(load_split(normalized, "train")[1])
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    # Without sharding each would see all n_train; which images is the unit tests' business.
+    assert lines == [f"rank {rank} saw {n_train // 2} images" for rank in (0, 1)]
