@@ -24,6 +24,7 @@ def summary(root: Path = Path()) -> str:
             f"  MLflow run      {lineage['mlflow_run_id']}  ({lineage['tracking_uri']})",
             "  browse runs     make ui   ->  http://127.0.0.1:5000",
             "  metrics, plots  dvc metrics show; dvc plots show",
+            "  serve it        make serve  ->  http://127.0.0.1:8000",
         ]
     )
 
