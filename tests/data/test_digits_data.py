@@ -66,7 +66,7 @@ def test_stats_are_those_of_the_train_split(digits_dirs):
 def test_split_depends_on_the_seed_only(digits_dirs):
     raw, _ = digits_dirs
     config = validate(compose([], REPO / "conf"))
-    dataset = get_source("digits").read(raw)
+    dataset = get_source("digits").read(config.data, raw, raw)
     first = split_indices(dataset, config.data, seed=1)
     again = split_indices(dataset, config.data, seed=1)
     other = split_indices(dataset, config.data, seed=2)

@@ -90,7 +90,7 @@ def test_fashion_mnist_over_http_keeps_names_labels_and_the_test_split(fashion, 
     source = get_source("fashion_mnist")
     (tmp_path / "raw").mkdir()
     source.fetch(config, tmp_path / "raw")
-    dataset = source.read(tmp_path / "raw")
+    dataset = source.read(config, tmp_path / "raw", tmp_path)
     assert dataset.images.shape == (24, 1, 28, 28)
     assert np.array_equal(dataset.images[:20, 0], fashion["train_images"])
     assert dataset.official_test.tolist() == [False] * 20 + [True] * 4

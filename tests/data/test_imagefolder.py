@@ -168,10 +168,10 @@ def test_decode_pool_gives_what_one_process_gives(tmp_path, data):
     (tmp_path / "pool").mkdir()
     one = decode_folder(config_for(tmp_path, path="x", workers=1), raw, tmp_path / "one")
     pool = decode_folder(config_for(tmp_path, path="x", workers=2), raw, tmp_path / "pool")
-    assert len(one.raw.labels) == 3 * PER_CLASS
-    assert np.array_equal(one.raw.images, pool.raw.images)
-    assert np.array_equal(one.raw.labels, pool.raw.labels)
-    assert one.bad_files == pool.bad_files and one.modes == pool.modes
+    assert len(one.labels) == 3 * PER_CLASS
+    assert np.array_equal(one.images, pool.images)
+    assert np.array_equal(one.labels, pool.labels)
+    assert one.bad_files == pool.bad_files and one.source == pool.source
 
 
 def test_chunks_of_a_few_images_give_the_same_output(tmp_path, tree, data, monkeypatch):

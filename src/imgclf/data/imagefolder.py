@@ -24,7 +24,6 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from imgclf.data.fetch import (
     progress,
     sha256_of,
 )
-from imgclf.data.sources import RawDataset, register
+from imgclf.data.sources import RawDataset, register, source_summary
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.images import IMAGE_SUFFIXES, BadImage, ImageSpec, SourceInfo, decode_image_with_info
 
@@ -51,11 +50,9 @@ URL_SCHEMES = ("http", "https", "file")
 MAX_CHUNK = 256  # files per task sent to a decode process: enough to amortise the round trip
 
 
-def read_imagefolder(raw_dir: Path) -> RawDataset:
-    raise TypeError(
-        "imagefolder pixels depend on data.image_size, data.mode and data.resize: "
-        "the normalize stage decodes them with decode_folder(config, raw_dir, scratch)"
-    )
+def read_imagefolder(config: ImageFolderData, raw_dir: Path, scratch: Path) -> RawDataset:
+    """The folder's pixels depend on data.image_size, data.mode and data.resize: decode them."""
+    return decode_folder(config, raw_dir, scratch)
 
 
 @register("imagefolder", read=read_imagefolder)
@@ -183,20 +180,12 @@ def take_images(root: Path, target: Path, move: bool) -> None:
 MAX_BAD_SHOWN = 20  # bad files named in the error of on_bad_image=fail
 
 
-@dataclass(frozen=True)
-class DecodedFolder:
-    """decode_folder's result: the dataset (images a read-only memmap) and facts for the report."""
+def decode_folder(config: ImageFolderData, raw_dir: Path, scratch: Path) -> RawDataset:
+    """Decode data/raw/imagefolder/ per the config into scratch/pixels.u8, a chunk at a time.
 
-    raw: RawDataset
-    files: int
-    modes: dict[str, int]  # the files' own Pillow modes, for the good images
-    widths: np.ndarray
-    heights: np.ndarray
-    bad_files: list[dict[str, str]]  # {"path": relative to the raw folder, "reason": ...}
-
-
-def decode_folder(config: ImageFolderData, raw_dir: Path, scratch: Path) -> DecodedFolder:
-    """Decode data/raw/imagefolder/ per the config into scratch/pixels.u8, a chunk at a time."""
+    The images are a read-only memmap of that file; `source` and `bad_files` say what the files
+    were and which were left out, for the report.
+    """
     classes, _ = scan(raw_dir)
     files = [(path, label) for label, paths in enumerate(classes.values()) for path in paths]
     spec = ImageSpec(config.mode, tuple(config.image_size), config.resize)
@@ -230,9 +219,9 @@ def decode_folder(config: ImageFolderData, raw_dir: Path, scratch: Path) -> Deco
     if not labels:
         raise ImgclfError(f"none of the {len(files)} files in {raw_dir} could be decoded")
     images = np.memmap(pixels_path, dtype=np.uint8, mode="r", shape=(len(labels), *spec.shape))
-    raw = RawDataset(images, np.array(labels, dtype=np.int64), list(classes))
     widths, heights = np.array(sizes).T
-    return DecodedFolder(raw, len(files), dict(sorted(modes.items())), widths, heights, bad)
+    source = source_summary(dict(sorted(modes.items())), widths, heights) | {"files": len(files)}
+    return RawDataset(images, np.array(labels, dtype=np.int64), list(classes), None, source, tuple(bad))
 
 
 def decoded(

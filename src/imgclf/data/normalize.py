@@ -13,7 +13,7 @@ Layout of data/normalized/:
 Images stream through in chunks: each split is gathered, hashed, measured and written into its
 preallocated .npy a chunk at a time, so memory stays flat however large the data set. A published
 source's `read` gives arrays in memory; an image folder is decoded into a file first
-(imgclf.data.imagefolder.decode_folder) and read back through a memmap.
+(imgclf.data.imagefolder.decode_folder, the source's reader) and read back through a memmap.
 """
 
 import hashlib
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.config import DataConfig, ImageFolderData
-from imgclf.data.sources import RawDataset, get_source
+from imgclf.config import DataConfig
+from imgclf.data.sources import RawDataset, get_source, source_summary
 from imgclf.errors import ImgclfError
 from imgclf.fileio import atomic_dir, read_json, save_array, write_json
 
@@ -71,22 +71,11 @@ def normalize(config: DataConfig, seed: int, raw_dir: Path, out_dir: Path) -> di
 
 def load_source(config: DataConfig, raw_dir: Path, scratch: Path) -> tuple[RawDataset, dict, list[dict]]:
     """The raw data set, what its images were (modes and sizes) and the files that were bad."""
-    if isinstance(config, ImageFolderData):
-        from imgclf.data.imagefolder import decode_folder
-
-        folder = decode_folder(config, raw_dir, scratch)
-        source = source_summary(folder.modes, folder.widths, folder.heights) | {"files": folder.files}
-        return folder.raw, source, folder.bad_files
-    raw = get_source(config.name).read(raw_dir)
+    raw = get_source(config.name).read(config, raw_dir, scratch)
+    if raw.source is not None:
+        return raw, raw.source, list(raw.bad_files)
     n, channels, height, width = raw.images.shape
     return raw, source_summary({MODES[channels]: n}, np.full(n, width), np.full(n, height)), []
-
-
-def source_summary(modes: dict[str, int], widths: np.ndarray, heights: np.ndarray) -> dict:
-    def spread(values: np.ndarray) -> dict[str, float]:
-        return {"min": int(values.min()), "median": float(np.median(values)), "max": int(values.max())}
-
-    return {"images": len(widths), "modes": modes, "width": spread(widths), "height": spread(heights)}
 
 
 def split_indices(raw: RawDataset, config: DataConfig, seed: int) -> dict[str, np.ndarray]:

@@ -29,19 +29,29 @@ class RawDataset:
     labels: np.ndarray
     classes: list[str]
     official_test: np.ndarray | None = None
+    source: dict | None = None  # what the source files were (modes, sizes); None: as the arrays are
+    bad_files: tuple[dict[str, str], ...] = ()  # files left out: {"path", "reason"}
+
+
+Reader = Callable[[DataConfig, Path, Path], RawDataset]  # (config, raw folder, scratch folder)
 
 
 @dataclass(frozen=True)
 class DataSource:
     name: str
     fetch: Callable[[DataConfig, Path], None]
-    read: Callable[[Path], RawDataset]
+    read: Reader
 
 
 SOURCES: dict[str, DataSource] = {}
 
 
-def register(name: str, read: Callable[[Path], RawDataset]):
+def from_files(read: Callable[[Path], RawDataset]) -> Reader:
+    """A reader for a published data set: its files say everything, so no config or scratch."""
+    return lambda config, raw_dir, scratch: read(raw_dir)
+
+
+def register(name: str, read: Reader):
     """Decorator: register `fetch` under `name`, with `read` to load what it wrote."""
 
     def wrap(fetch: Callable[[DataConfig, Path], None]) -> Callable[[DataConfig, Path], None]:
@@ -49,6 +59,15 @@ def register(name: str, read: Callable[[Path], RawDataset]):
         return fetch
 
     return wrap
+
+
+def source_summary(modes: dict[str, int], widths: np.ndarray, heights: np.ndarray) -> dict:
+    """What a source's images were, for report.json: counts per mode, spread of sizes."""
+
+    def spread(values: np.ndarray) -> dict[str, float]:
+        return {"min": int(values.min()), "median": float(np.median(values)), "max": int(values.max())}
+
+    return {"images": len(widths), "modes": modes, "width": spread(widths), "height": spread(heights)}
 
 
 def get_source(name: str) -> DataSource:
@@ -71,7 +90,7 @@ def read_digits(raw_dir: Path) -> RawDataset:
     return RawDataset(images[:, None, :, :], labels.astype(np.int64), [str(d) for d in range(10)])
 
 
-@register("digits", read=read_digits)
+@register("digits", read=from_files(read_digits))
 def fetch_digits(config: DataConfig, target: Path) -> None:
     from sklearn.datasets import load_digits
 
@@ -143,7 +162,7 @@ MNIST_FILES = {
         "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
     }.items()
 }
-register("mnist", read=idx_reader([str(d) for d in range(10)]))(files_fetcher(MNIST_FILES))
+register("mnist", read=from_files(idx_reader([str(d) for d in range(10)])))(files_fetcher(MNIST_FILES))
 
 # Fashion-MNIST: the gzip files as published, SHA-256 from TensorFlow Datasets'
 # url_checksums/fashion_mnist.txt and MD5 from the Zalando README (also torchvision's).
@@ -176,7 +195,8 @@ FASHION_MNIST_FILES = {
         ),
     ]
 }
-register("fashion_mnist", read=idx_reader(FASHION_MNIST_CLASSES))(files_fetcher(FASHION_MNIST_FILES))
+read_fashion_mnist = from_files(idx_reader(FASHION_MNIST_CLASSES))
+register("fashion_mnist", read=read_fashion_mnist)(files_fetcher(FASHION_MNIST_FILES))
 
 
 # --- CIFAR-10: the official binary archive, read straight out of the tar ----------------------
@@ -239,7 +259,7 @@ CIFAR10_FILES = {
         md5="c32a1d4ab5d03f1284b67883e8d87530",
     )
 }
-register("cifar10", read=read_cifar10)(files_fetcher(CIFAR10_FILES))
+register("cifar10", read=from_files(read_cifar10))(files_fetcher(CIFAR10_FILES))
 
 # Sources with a module of their own register themselves when imported.
 import imgclf.data.imagefolder  # noqa: E402, F401
