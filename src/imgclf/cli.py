@@ -37,9 +37,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from imgclf.serving import server
     from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, MIB
+    from imgclf.serving.model import DEFAULT_MAX_PIXELS
 
     token = args.token if args.token is not None else os.environ.get("IMGCLF_TOKEN")
     max_body_bytes = DEFAULT_MAX_BODY_BYTES if args.max_body_mb is None else int(args.max_body_mb * MIB)
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_megapixels is None else int(args.max_megapixels * 1e6)
     server.serve(
         args.model,
         host=args.host,
@@ -47,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         threads=args.threads,
         token=token or None,
         max_body_bytes=max_body_bytes,
-        max_pixels=int(args.max_megapixels * 1_000_000),
+        max_pixels=max_pixels,
         access_log=args.access_log,
     )
 
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-mb", type=positive_float, help="largest request body, MiB (default 10; 413 above)"
     )
     serve.add_argument(
-        "--max-megapixels", type=positive_float, default=40, help="largest image, megapixels (400 above)"
+        "--max-megapixels", type=positive_float, help="largest image, megapixels (default 40; 400 above)"
     )
     serve.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts)")
     serve.set_defaults(handler=cmd_serve)

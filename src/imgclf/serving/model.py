@@ -24,7 +24,7 @@ from imgclf.images import ImageSpec, decode_image
 from imgclf.store import repo_root, resolve_tracking_uri
 
 # 40 megapixels: a large phone photo decodes, a decompression bomb is refused from its header.
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = 40_000_000  # `imgclf serve --max-megapixels` states it in its help: keep them equal
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))")
 METADATA_KEYS = ("imgclf.classes", "imgclf.input")
 # What ONNX Runtime raises for a file it cannot load (they derive from Exception, not one base).
