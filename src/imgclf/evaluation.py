@@ -16,13 +16,15 @@ from imgclf.data.normalize import load_metadata, load_split
 from imgclf.fileio import atomic_path, read_json, write_json
 
 
-def inference_session(model_path: Path, threads: int = 0):
+def inference_session(model: Path | bytes, threads: int = 0):
+    """An ONNX Runtime CPU session on a model file or serialized bytes (threads 0: ORT's default)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def predict_probabilities(session, images: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -21,6 +21,7 @@ from imgclf import tracking
 from imgclf.config import Config
 from imgclf.data.normalize import load_split
 from imgclf.errors import ImgclfError
+from imgclf.evaluation import inference_session
 from imgclf.fileio import atomic_path, write_json
 from imgclf.models import load_checkpoint
 
@@ -122,17 +123,9 @@ def _strip_debug_info(proto: onnx.ModelProto) -> None:
             del node.metadata_props[:]
 
 
-def session(model_bytes: bytes):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
 def check_parity(model: Probabilities, proto: onnx.ModelProto, images: np.ndarray, batch: int = 256) -> dict:
     """Max |Δprobability| and argmax agreement of ONNX Runtime against PyTorch on `images`."""
-    runtime = session(proto.SerializeToString())
+    runtime = inference_session(proto.SerializeToString())
     max_diff, mismatches = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(images), batch):
@@ -210,7 +203,7 @@ def _log_model(config, run_id, proto, example, parity, sidecar_path: Path) -> No
     from mlflow.models import infer_signature
 
     tracking.use_store(config)
-    probabilities = session(proto.SerializeToString()).run([OUTPUT_NAME], {INPUT_NAME: example})[0]
+    probabilities = inference_session(proto.SerializeToString()).run([OUTPUT_NAME], {INPUT_NAME: example})[0]
     signature = infer_signature(example, probabilities)
     with mlflow.start_run(run_id=run_id):
         mlflow.onnx.log_model(

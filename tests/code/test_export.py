@@ -7,7 +7,8 @@ import onnx
 import pytest
 import torch
 
-from imgclf.export import INPUT_NAME, OUTPUT_NAME, Probabilities, check_parity, session, to_onnx
+from imgclf.evaluation import inference_session
+from imgclf.export import INPUT_NAME, OUTPUT_NAME, Probabilities, check_parity, to_onnx
 from imgclf.models import build_from_card
 
 CARD = {
@@ -56,7 +57,7 @@ def test_onnx_runtime_matches_pytorch_at_any_batch_size(exported, batch):
     parity = check_parity(model, proto, images)
     assert parity["parity_max_abs_diff"] <= 1e-5
     assert parity["parity_argmax_mismatches"] == 0
-    probabilities = session(proto.SerializeToString()).run(None, {INPUT_NAME: images})[0]
+    probabilities = inference_session(proto.SerializeToString()).run(None, {INPUT_NAME: images})[0]
     assert probabilities.shape == (batch, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
