@@ -13,7 +13,7 @@ import torch
 
 from imgclf.config import AugmentConfig
 from imgclf.data.augment import BatchAugment
-from imgclf.data.normalize import load_split
+from imgclf.data.normalized import load_split
 
 
 class TensorBatches:
@@ -70,18 +70,18 @@ class ImageDataModule(L.LightningDataModule):
         data_dir: Path,
         batch_size: int,
         seed: int,
+        augment: AugmentConfig,
         eval_batch_size: int = 1024,
-        augment: AugmentConfig | None = None,
     ):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.batch_size, self.seed, self.eval_batch_size = batch_size, seed, eval_batch_size
-        self.augment_config = augment or AugmentConfig()
+        self.augment_config = augment
         self.augment = BatchAugment(self.augment_config, seed)
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        for split in ("train", "val", "test"):
+        for split in ("train", "val"):  # the test split is for evaluate, on the exported model
             if split not in self.splits:
                 images, labels = load_split(self.data_dir, split)
                 self.splits[split] = (torch.from_numpy(images), torch.from_numpy(labels))
@@ -108,6 +108,3 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> TensorBatches:
         return TensorBatches(*self.splits["val"], self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.splits["test"], self.eval_batch_size, shuffle=False)

@@ -22,10 +22,9 @@ def write_manifest(folder: Path) -> dict[str, str]:
     return hashes
 
 
-def download(config: DataConfig, raw_root: Path) -> Path:
-    """Fetch `config.name` into raw_root/<name>/, replacing it only once complete and hashed."""
+def download(config: DataConfig, target: Path) -> Path:
+    """Fetch `config.name` into `target`, replacing it only once complete and hashed."""
     source = get_source(config.name)
-    target = raw_root / config.name
     with atomic_dir(target) as tmp:
         source.fetch(config, tmp)
         write_manifest(tmp)

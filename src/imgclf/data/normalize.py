@@ -1,19 +1,11 @@
-"""The normalize stage: split a raw data set, write canonical uint8 arrays, statistics and checks.
+"""The normalize stage: split a raw data set, write canonical uint8 arrays, the model card and checks.
 
-Layout of data/normalized/:
-    <split>/images.npy   uint8 (N, C, H, W), split in train, val, test
-    <split>/labels.npy   int64 (N,)
-    stats.json           per-channel mean and std of the train split, in pixel units (0..255)
-    classes.json         class names, index = label
-    input.json           how a source image became an array: mode, size [H, W] and resize policy,
-                         which the model carries so that predict and serve size uploads the same way
-    report.json          data checks: counts per split and class, value range, cross-split
-                         duplicates, what the source images were (modes, sizes), the bad files
+What it writes, data/normalized/, is described (and read back) in imgclf.data.normalized.
 
 Images stream through in chunks: each split is gathered, hashed, measured and written into its
 preallocated .npy a chunk at a time, so memory stays flat however large the data set. A published
 source's `read` gives arrays in memory; an image folder is decoded into a file first
-(imgclf.data.imagefolder.decode_folder, the source's reader) and read back through a memmap.
+(imgclf.data.sources.imagefolder.decode_folder, the source's reader) and read back through a memmap.
 """
 
 import hashlib
@@ -25,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.card import InputSpec, ModelCard, Normalization
 from imgclf.config import DataConfig
+from imgclf.data.normalized import CARD, REPORT, SPLITS
 from imgclf.data.sources import RawDataset, get_source, source_summary
 from imgclf.errors import ImgclfError
-from imgclf.fileio import atomic_dir, read_json, save_array, write_json
+from imgclf.fileio import atomic_dir, save_array, write_json
 
-SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 8 << 20  # pixels in memory at once: 680 images of 64x64 RGB, 53 of 224x224
-MODES = {1: "L", 3: "RGB"}  # what a published source's channel count means
 
 
 def normalize(config: DataConfig, seed: int, raw_dir: Path, out_dir: Path) -> dict[str, object]:
@@ -62,10 +54,13 @@ def normalize(config: DataConfig, seed: int, raw_dir: Path, out_dir: Path) -> di
                 "source": source,
                 "bad_files": bad_files,
             }
-            write_json(tmp / "stats.json", stats.result())
-            write_json(tmp / "classes.json", raw.classes)
-            write_json(tmp / "input.json", input_spec(config, raw.images.shape[1:]))
-            write_json(tmp / "report.json", report)
+            card = ModelCard(
+                tuple(raw.classes),
+                InputSpec.for_shape(raw.images.shape[1:], raw.resize),
+                Normalization(**stats.result()),
+            )
+            write_json(tmp / CARD, card.to_json())
+            write_json(tmp / REPORT, report)
     return report
 
 
@@ -74,8 +69,9 @@ def load_source(config: DataConfig, raw_dir: Path, scratch: Path) -> tuple[RawDa
     raw = get_source(config.name).read(config, raw_dir, scratch)
     if raw.source is not None:
         return raw, raw.source, list(raw.bad_files)
-    n, channels, height, width = raw.images.shape
-    return raw, source_summary({MODES[channels]: n}, np.full(n, width), np.full(n, height)), []
+    n, _, height, width = raw.images.shape
+    mode = InputSpec.for_shape(raw.images.shape[1:], raw.resize).mode
+    return raw, source_summary({mode: n}, np.full(n, width), np.full(n, height)), []
 
 
 def split_indices(raw: RawDataset, config: DataConfig, seed: int) -> dict[str, np.ndarray]:
@@ -149,15 +145,6 @@ class ChannelStats:
         return {"mean": [round(m, 6) for m in mean], "std": [round(s, 6) for s in std]}
 
 
-def channel_stats(images: np.ndarray) -> dict[str, list[float]]:
-    """Per-channel mean and std of uint8 (N, C, H, W) images, in pixel units."""
-    stats = ChannelStats()
-    step = chunk_length(images)
-    for start in range(0, len(images), step):
-        stats.update(np.asarray(images[start : start + step]))
-    return stats.result()
-
-
 def image_hashes(images: np.ndarray) -> list[str]:
     return [hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() for image in images]
 
@@ -214,26 +201,3 @@ def gather(images: np.ndarray, idx: np.ndarray) -> Iterator[np.ndarray]:
             source = np.memmap(images.filename, images.dtype, "r", images.offset, images.shape)
         yield np.ascontiguousarray(source[idx[start : start + step]], dtype=np.uint8)
         del source
-
-
-def input_spec(config: DataConfig, shape: tuple[int, int, int]) -> dict[str, object]:
-    """Mode, size and resize policy of the arrays; published data sets come at their size."""
-    channels, height, width = shape
-    return {
-        "mode": "L" if channels == 1 else "RGB",
-        "size": [height, width],
-        "resize": getattr(config, "resize", "stretch"),
-    }
-
-
-def load_split(data_dir: Path, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of one split of data/normalized/."""
-    mode = "r" if mmap else None
-    images = np.load(data_dir / split / "images.npy", mmap_mode=mode, allow_pickle=False)
-    labels = np.load(data_dir / split / "labels.npy", allow_pickle=False)
-    return images, labels
-
-
-def load_metadata(data_dir: Path) -> tuple[list[str], dict[str, list[float]]]:
-    """Class names and normalisation statistics of data/normalized/."""
-    return read_json(data_dir / "classes.json"), read_json(data_dir / "stats.json")

@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-import urllib.parse
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.card import InputSpec
 from imgclf.config import ImageFolderData
 from imgclf.data.archives import extract_archive, printable_name
 from imgclf.data.fetch import (
@@ -40,13 +40,12 @@ from imgclf.data.fetch import (
     progress,
     sha256_of,
 )
-from imgclf.data.sources import RawDataset, register, source_summary
+from imgclf.data.sources.registry import RawDataset, register, source_summary
 from imgclf.errors import ConfigError, ImgclfError
-from imgclf.images import IMAGE_SUFFIXES, BadImage, ImageSpec, SourceInfo, decode_image_with_info
+from imgclf.images import IMAGE_SUFFIXES, BadImage, SourceInfo, decode_image_with_info
 
 # Litter that archivers and file browsers leave; hidden names (".DS_Store", "._a.jpg") too.
 LITTER = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
-URL_SCHEMES = ("http", "https", "file")
 MAX_CHUNK = 256  # files per task sent to a decode process: enough to amortise the round trip
 
 
@@ -55,25 +54,17 @@ def read_imagefolder(config: ImageFolderData, raw_dir: Path, scratch: Path) -> R
     return decode_folder(config, raw_dir, scratch)
 
 
-@register("imagefolder", read=read_imagefolder)
 def fetch_imagefolder(config: ImageFolderData, target: Path) -> None:
-    """Copy `data.path`, or download and extract `data.url`, into target/<class>/..."""
-    if (config.path is None) == (config.url is None):
-        given = "both are set" if config.path is not None else "neither is set"
-        raise ConfigError(
-            f"data.path and data.url: set exactly one ({given}): a local folder with one subfolder "
-            "per class, or the http(s):// or file:// URL of a .zip or .tar archive of one"
-        )
+    """Copy `data.path`, or download and extract `data.url`, into target/<class>/...
+
+    The schema has checked that exactly one is set, and that the URL names an archive.
+    """
     if config.path is not None:
         root = Path(config.path).expanduser()
         if not root.is_dir():
             raise ConfigError(f"data.path={config.path!r}: no such folder")
         take_images(root, target, move=False)
         return
-    scheme = urllib.parse.urlparse(config.url).scheme
-    if scheme not in URL_SCHEMES:
-        allowed = ", ".join(f"{name}://" for name in URL_SCHEMES)
-        raise ConfigError(f"data.url={config.url!r}: scheme {scheme!r} is not supported; use {allowed}")
     # Scratch beside the target: same file system, so extracted files move into place by rename.
     with tempfile.TemporaryDirectory(prefix=".imagefolder-", dir=target.parent) as scratch:
         archive = download_archive(config, Path(scratch))
@@ -81,11 +72,12 @@ def fetch_imagefolder(config: ImageFolderData, target: Path) -> None:
         take_images(dataset_root(extracted), target, move=True)
 
 
+register("imagefolder", fetch=fetch_imagefolder, read=read_imagefolder)
+
+
 def download_archive(config: ImageFolderData, scratch: Path) -> Path:
     """The archive at `data.url`: verified and cached if `data.sha256` is set, else fetched afresh."""
     base, _, name = config.url.rpartition("/")
-    if not name:
-        raise ConfigError(f"data.url={config.url!r}: must end with the archive's file name")
     if config.sha256:
         cache = Path(config.cache_dir).expanduser() / "imagefolder"
         return fetch(RemoteFile(name, sha256=config.sha256), [base + "/"], cache)
@@ -188,7 +180,7 @@ def decode_folder(config: ImageFolderData, raw_dir: Path, scratch: Path) -> RawD
     """
     classes, _ = scan(raw_dir)
     files = [(path, label) for label, paths in enumerate(classes.values()) for path in paths]
-    spec = ImageSpec(config.mode, tuple(config.image_size), config.resize)
+    spec = InputSpec(config.mode, tuple(config.image_size), config.resize)
     workers = config.workers or os.cpu_count() or 1
     labels, bad, modes, sizes = [], [], Counter(), []
     pixels_path = scratch / "pixels.u8"
@@ -221,11 +213,18 @@ def decode_folder(config: ImageFolderData, raw_dir: Path, scratch: Path) -> RawD
     images = np.memmap(pixels_path, dtype=np.uint8, mode="r", shape=(len(labels), *spec.shape))
     widths, heights = np.array(sizes).T
     source = source_summary(dict(sorted(modes.items())), widths, heights) | {"files": len(files)}
-    return RawDataset(images, np.array(labels, dtype=np.int64), list(classes), None, source, tuple(bad))
+    return RawDataset(
+        images,
+        np.array(labels, dtype=np.int64),
+        list(classes),
+        source=source,
+        bad_files=tuple(bad),
+        resize=config.resize,
+    )
 
 
 def decoded(
-    paths: list[Path], spec: ImageSpec, max_pixels: int, workers: int
+    paths: list[Path], spec: InputSpec, max_pixels: int, workers: int
 ) -> Iterator[tuple[np.ndarray, SourceInfo] | str]:
     """For each path in order: its pixels and source info, or why it is a bad image.
 
@@ -257,7 +256,7 @@ def decoded(
 
 
 def decode_chunk(
-    paths: list[Path], spec: ImageSpec, max_pixels: int
+    paths: list[Path], spec: InputSpec, max_pixels: int
 ) -> list[tuple[np.ndarray, SourceInfo] | str]:
     """Runs in a decode process: a bad image becomes its reason, anything else raises."""
     results = []

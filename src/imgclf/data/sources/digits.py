@@ -1,0 +1,30 @@
+"""The `digits` source: scikit-learn's 8x8 handwritten digits, shipped inside its wheel."""
+
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.config import DataConfig
+from imgclf.data.sources.registry import RawDataset, from_files, register
+
+DIGITS_MAX = 16  # digits pixels are counts of 0..16 set pixels in 4x4 blocks of a 32x32 bitmap
+
+
+def fetch_digits(config: DataConfig, target: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Plain .npy, not .npz: a zip stores timestamps, and the raw data must hash the same every time.
+    np.save(target / "images.npy", digits.images.astype(np.uint8), allow_pickle=False)
+    np.save(target / "labels.npy", digits.target.astype(np.uint8), allow_pickle=False)
+
+
+def read_digits(raw_dir: Path) -> RawDataset:
+    counts = np.load(raw_dir / "images.npy", allow_pickle=False)
+    labels = np.load(raw_dir / "labels.npy", allow_pickle=False)
+    # Scale 0..16 to the canonical 0..255 so every source shares one pixel range.
+    images = np.rint(counts.astype(np.float64) * (255 / DIGITS_MAX)).astype(np.uint8)
+    return RawDataset(images[:, None, :, :], labels.astype(np.int64), [str(d) for d in range(10)])
+
+
+register("digits", fetch=fetch_digits, read=from_files(read_digits))
