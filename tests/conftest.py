@@ -1,12 +1,21 @@
-"""Shared fixtures: real data from the embedded digits set, and copies of this repo to run DVC in."""
+"""Shared fixtures: real data from the embedded digits set, a real model trained on it, and
+copies of this repo to run DVC in.
 
+The model is trained for a few seconds with a plain PyTorch loop on the digits splits that the
+real download and normalize stages produce, then exported by the export stage's `to_onnx`, so its
+predictions mean something and its file is what the pipeline would ship. It is exported twice:
+with `resize: stretch` (the model most tests serve) and with `resize: crop`.
+"""
+
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bench.common import copy_repo  # noqa: F401 (the end-to-end tests run DVC in such copies)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -22,6 +31,35 @@ def tool_env(root: Path) -> dict[str, str]:
     return env
 
 
+def compose_config(*overrides: str):
+    """The validated config that `imgclf params OVERRIDE...` would give: conf/'s defaults, no others."""
+    from imgclf.config import compose, validate
+
+    return validate(compose(list(overrides), REPO / "conf"))
+
+
+def data_config(name: str, **keys):
+    """The `data` section of `data=<name>` as conf/ composes it, with `keys` over it, validated."""
+    from pydantic import TypeAdapter
+
+    from imgclf.config import DataChoice, compose
+
+    data = compose([f"data={name}"], REPO / "conf")["data"] | keys
+    return TypeAdapter(DataChoice).validate_python(data)
+
+
+def make_card(shape=(1, 8, 8), n_classes: int = 10, resize: str = "stretch"):
+    """A model card for uint8 images of `shape` (C, H, W), `n_classes` classes named 0, 1, ..."""
+    from imgclf.card import InputSpec, ModelCard, Normalization
+
+    channels = shape[0]
+    return ModelCard(
+        tuple(str(c) for c in range(n_classes)),
+        InputSpec.for_shape(shape, resize),
+        Normalization([100.0] * channels, [50.0] * channels),
+    )
+
+
 def run(args: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     done = subprocess.run(
         args, cwd=cwd, env=tool_env(cwd), capture_output=True, text=True, timeout=600, **kwargs
@@ -31,34 +69,96 @@ def run(args: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.
     return done
 
 
-def copy_repo(dest: Path) -> Path:
-    """The repo's tracked and untracked-but-not-ignored files, committed in a fresh git repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "copy of imgclf"], dest)
-    return dest
-
-
 @pytest.fixture(scope="session")
 def digits_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """data/raw/digits and data/normalized for the default config, made by the real stages' code."""
-    from imgclf.config import compose, validate
     from imgclf.data.download import download
     from imgclf.data.normalize import normalize
 
     root = tmp_path_factory.mktemp("digits")
-    config = validate(compose([], REPO / "conf"))
-    raw = download(config.data, root / "raw")
+    config = compose_config()
+    raw = download(config.data, root / "raw" / "digits")
     normalize(config.data, config.seed, raw, root / "normalized")
     return raw, root / "normalized"
+
+
+# --- a real digits model, trained in seconds and exported by the export stage's to_onnx --------
+
+MODEL_EPOCHS = 25
+
+
+@pytest.fixture(scope="session")
+def digits_splits(digits_dirs) -> dict:
+    """The normalized digits splits: images uint8 (N, 1, 8, 8) and labels, and the model card."""
+    from imgclf.data.normalized import load_card, load_split
+
+    _, normalized = digits_dirs
+    splits = {split: load_split(normalized, split) for split in ("train", "test")}
+    return {**splits, "card": load_card(normalized)}
+
+
+def train_digits_network(digits_splits, crop_padding: int = 0) -> tuple:
+    """(an MLP trained on the digits train split with its softmax, an example batch, its card).
+
+    crop_padding > 0 shifts each training batch by up to that many pixels, with the pipeline's
+    own augmentation (train.augment.crop_padding).
+    """
+    import torch
+    from torch.nn import functional
+
+    from imgclf.config import AugmentConfig
+    from imgclf.data.augment import BatchAugment
+    from imgclf.export import Probabilities
+    from imgclf.models import build_model
+
+    images, labels = digits_splits["train"]
+    card = digits_splits["card"]
+    torch.manual_seed(0)
+    net = build_model(compose_config("model.hidden=[64]", "model.dropout=0.0").model, card)
+    augment = BatchAugment(AugmentConfig(crop_padding=crop_padding, hflip=False), seed=0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels).long()
+    for _ in range(MODEL_EPOCHS):
+        for batch in torch.randperm(len(x)).split(64):
+            loss = functional.cross_entropy(net(augment(x[batch])), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return Probabilities(net).eval(), x[:2], card
+
+
+@pytest.fixture(scope="session")
+def digits_network(digits_splits) -> tuple:
+    """The model the serving tests serve: trained on the digits as they are."""
+    return train_digits_network(digits_splits)
+
+
+def export_model(digits_network: tuple, folder: Path, resize: str) -> Path:
+    """model.onnx and its sidecar model.json, as the export stage lays them out in models/."""
+    from dataclasses import replace
+
+    from imgclf.export import to_onnx
+
+    model, example, card = digits_network
+    card = replace(card, input=replace(card.input, resize=resize))
+    proto = to_onnx(model, example, card)
+    (folder / "model.onnx").write_bytes(proto.SerializeToString())
+    sidecar = {
+        "name": "digits-test",
+        **card.to_json(),
+        "lineage": {"mlflow_run_id": "0123456789abcdef", "data.name": "digits"},
+    }
+    (folder / "model.json").write_text(json.dumps(sidecar))
+    return folder / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def model_path(digits_network, tmp_path_factory) -> Path:
+    """The model that stretches an image to its 8x8 input."""
+    return export_model(digits_network, tmp_path_factory.mktemp("models"), "stretch")
+
+
+@pytest.fixture(scope="session")
+def crop_model_path(digits_network, tmp_path_factory) -> Path:
+    """The same network, exported to centre-crop an image to its 8x8 input."""
+    return export_model(digits_network, tmp_path_factory.mktemp("crop-models"), "crop")

@@ -12,28 +12,9 @@ import numpy as np
 
 from imgclf import tracking
 from imgclf.config import Config
-from imgclf.data.normalize import load_metadata, load_split
+from imgclf.data.normalized import load_card, load_split
 from imgclf.fileio import atomic_path, read_json, write_json
-
-
-def inference_session(model: Path | bytes, threads: int = 0):
-    """An ONNX Runtime CPU session on a model file or serialized bytes (threads 0: ORT's default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def predict_probabilities(session, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    input_name = session.get_inputs()[0].name
-    chunks = [
-        session.run(None, {input_name: np.ascontiguousarray(images[start : start + batch])})[0]
-        for start in range(0, len(images), batch)
-    ]
-    return np.concatenate(chunks)
+from imgclf.runtime import inference_session, predict_probabilities
 
 
 def quality(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
@@ -119,7 +100,7 @@ def evaluate(
     plots_dir: Path,
 ) -> dict:
     """Write metrics/eval.json and the confusion matrix; log both to the pipeline's MLflow run."""
-    classes, _ = load_metadata(data_dir)
+    classes = list(load_card(data_dir).classes)
     images, labels = load_split(data_dir, "test")
     session = inference_session(model_path)
     predicted = predict_probabilities(session, images).argmax(axis=1)

@@ -2,8 +2,9 @@
 
 The graph takes raw pixels (`image`, uint8, (N, C, H, W), N dynamic) and returns softmax
 `probabilities` (float32, (N, classes)); the normalisation is inside it. Only values that follow
-from the training (classes, input spec, normalisation) go into the file, so identical training
-gives an identical file; run-specific values (run id, commit, time) go into the sidecar JSON.
+from the training (the model card: classes, input spec, normalisation) go into the file, so
+identical training gives an identical file; run-specific values (run id, commit, time) go into
+the sidecar JSON.
 """
 
 import hashlib
@@ -18,13 +19,15 @@ import torch
 from torch import nn
 
 from imgclf import tracking
+from imgclf.card import ModelCard
 from imgclf.config import Config
-from imgclf.data.normalize import load_split
+from imgclf.data.normalized import load_split
 from imgclf.errors import ImgclfError
-from imgclf.evaluation import inference_session
 from imgclf.fileio import atomic_path, write_json
-from imgclf.models import load_checkpoint
+from imgclf.models import Checkpoint, load_checkpoint
+from imgclf.runtime import inference_session
 
+CARD_METADATA = "imgclf.card"  # the ONNX metadata key that holds ModelCard.to_json()
 OPSET = 17  # pinned: a new exporter default must not silently change the served graph
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 PARITY_ATOL = 1e-4
@@ -46,12 +49,7 @@ class Probabilities(nn.Module):
         return torch.softmax(self.net(image), dim=1)
 
 
-def load_network(checkpoint: Path) -> tuple[Probabilities, dict]:
-    card, net = load_checkpoint(checkpoint)
-    return Probabilities(net).eval(), card
-
-
-def to_onnx(model: Probabilities, example: torch.Tensor, card: dict) -> onnx.ModelProto:
+def to_onnx(model: Probabilities, example: torch.Tensor, card: ModelCard) -> onnx.ModelProto:
     """Export with the TorchScript exporter at a pinned opset; strip what would vary between runs.
 
     The TorchScript exporter (`dynamo=False`) is pinned because it exports these networks in
@@ -73,31 +71,10 @@ def to_onnx(model: Probabilities, example: torch.Tensor, card: dict) -> onnx.Mod
     proto = onnx.load_from_string(buffer.getvalue())
     _strip_debug_info(proto)
     del proto.metadata_props[:]
-    for key, value in model_metadata(card).items():
-        proto.metadata_props.add(key=key, value=value)
+    # What a server needs to use the file alone: classes, input spec, normalisation.
+    proto.metadata_props.add(key=CARD_METADATA, value=json.dumps(card.to_json()))
     proto.producer_name = "imgclf"
     return proto
-
-
-def model_metadata(card: dict) -> dict[str, str]:
-    """What a server needs to use the file alone: classes, input spec, normalisation."""
-    return {
-        "imgclf.classes": json.dumps(card["classes"]),
-        "imgclf.input": json.dumps(input_spec(card)),
-        "imgclf.normalization": json.dumps(card["stats"]),
-    }
-
-
-def input_spec(card: dict) -> dict:
-    channels, height, width = card["input_shape"]
-    return {
-        "name": INPUT_NAME,
-        "dtype": "uint8",
-        "shape": ["batch", channels, height, width],
-        "mode": "L" if channels == 1 else "RGB",
-        "resize": card.get("resize", "stretch"),
-        "layout": "NCHW",
-    }
 
 
 def _strip_debug_info(proto: onnx.ModelProto) -> None:
@@ -141,9 +118,12 @@ def check_parity(model: Probabilities, proto: onnx.ModelProto, images: np.ndarra
     }
 
 
-def export(config: Config, checkpoint: Path, data_dir: Path, onnx_out: Path, sidecar_out: Path) -> dict:
+def export(
+    config: Config, checkpoint: Path, data_dir: Path, raw_dir: Path, onnx_out: Path, sidecar_out: Path
+) -> dict:
     """Write models/model.onnx and models/model.json, or fail without touching them."""
-    model, card = load_network(checkpoint)
+    trained = load_checkpoint(checkpoint)
+    model, card = Probabilities(trained.net).eval(), trained.card
     test_images, _ = load_split(data_dir, "test")
     proto = to_onnx(model, torch.from_numpy(np.ascontiguousarray(test_images[:EXAMPLE_BATCH])), card)
     onnx.checker.check_model(proto, full_check=True)
@@ -155,18 +135,12 @@ def export(config: Config, checkpoint: Path, data_dir: Path, onnx_out: Path, sid
             f"{parity['parity_argmax_mismatches']} argmax mismatches"
         )
     model_bytes = proto.SerializeToString()
-    run_id = _pipeline_run(config, card, data_dir)
+    run_id = _pipeline_run(config, trained, data_dir, raw_dir)
     sidecar = {
         "name": config.registry.model_name,
-        "classes": card["classes"],
-        "input": input_spec(card),
-        "output": {
-            "name": OUTPUT_NAME,
-            "dtype": "float32",
-            "shape": ["batch", len(card["classes"])],
-        },
-        "normalization": card["stats"],
-        "model": card["model"],
+        **card.to_json(),
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(card.classes)]},
+        "model": trained.model.model_dump(),
         "export": {
             "opset": OPSET,
             "exporter": "torch.onnx (torchscript)",
@@ -176,8 +150,8 @@ def export(config: Config, checkpoint: Path, data_dir: Path, onnx_out: Path, sid
         "lineage": {
             "mlflow_run_id": run_id,
             "tracking_uri": tracking.tracking_uri(config),
-            "onnx_sha256": _sha256(model_bytes),
-            **tracking.lineage(config, data_dir, Path("data/raw") / config.data.name),
+            "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(),
+            **tracking.lineage(config, data_dir, raw_dir),
         },
     }
     with atomic_path(onnx_out) as tmp:
@@ -187,12 +161,10 @@ def export(config: Config, checkpoint: Path, data_dir: Path, onnx_out: Path, sid
     return sidecar
 
 
-def _pipeline_run(config: Config, card: dict, data_dir: Path) -> str:
+def _pipeline_run(config: Config, trained: Checkpoint, data_dir: Path, raw_dir: Path) -> str:
     """The train stage's run; a fresh one if the store lost it (e.g. outputs restored by DVC)."""
-    run_id = card.get("mlflow_run_id")
-    if run_id and tracking.existing_run(config, run_id):
-        return run_id
-    raw_dir = Path("data/raw") / config.data.name
+    if trained.mlflow_run_id and tracking.existing_run(config, trained.mlflow_run_id):
+        return trained.mlflow_run_id
     return tracking.start_run(config, tracking.lineage(config, data_dir, raw_dir))
 
 
@@ -220,7 +192,3 @@ def _log_model(config, run_id, proto, example, parity, sidecar_path: Path) -> No
         )
         mlflow.log_metrics(parity)
         mlflow.log_artifact(str(sidecar_path))
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

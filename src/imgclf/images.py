@@ -1,7 +1,7 @@
 """Image preprocessing, defined once: file bytes -> uint8 (C, H, W) pixels the model takes.
 
 The normalize stage decodes a user's image folder with `decode_image`, and `imgclf predict` and
-`imgclf serve` decode uploads with the same function and the `ImageSpec` stored in the model's
+`imgclf serve` decode uploads with the same function and the `InputSpec` stored in the model's
 metadata, so a model sees at serving time exactly what it saw in training.
 
 Numpy and Pillow only (no torch): the inference path imports this module.
@@ -12,12 +12,12 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
 
-MODES = ("L", "RGB")
+from imgclf.card import MODE_CHANNELS, InputSpec
+
 # The formats Pillow may open: the common ones, decoded in-process. Others are refused, so an
 # upload cannot reach rarer decoders (EPS, for one, runs Ghostscript). JPEG covers phones' MPO.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
@@ -26,7 +26,6 @@ IMAGE_SUFFIXES = (
     ".jpg", ".jpeg", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm",
 )  # fmt: skip
-RESIZES = ("stretch", "crop")
 # One fixed filter: Pillow's BILINEAR widens its support when shrinking (it antialiases), and
 # reducing_gap=None turns off the JPEG/box shortcuts whose use depends on the input size.
 RESAMPLE = Image.Resampling.BILINEAR
@@ -45,49 +44,6 @@ class BadImage(ValueError):
 
 
 @dataclass(frozen=True)
-class ImageSpec:
-    """The model's input: colour mode, size (height, width) and how other sizes are fitted to it.
-
-    resize "stretch" scales each side to size (aspect ratio not kept); "crop" scales the shorter
-    side to size and cuts the centre of the longer one.
-    """
-
-    mode: Literal["L", "RGB"]
-    size: tuple[int, int]  # (height, width), the order of the array axes
-    resize: Literal["stretch", "crop"] = "crop"
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
-        if self.resize not in RESIZES:
-            raise ValueError(f"resize={self.resize!r}: expected one of {RESIZES}")
-        size = tuple(self.size)
-        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-            raise ValueError(f"size={self.size!r}: expected (height, width), two positive integers")
-        object.__setattr__(self, "size", size)  # a list from JSON or YAML becomes the tuple
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.mode == "L" else 3
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """The (C, H, W) shape `decode_image` returns."""
-        return (self.channels, *self.size)
-
-    @classmethod
-    def from_input_metadata(cls, metadata: dict) -> "ImageSpec":
-        """The spec in an exported model's `imgclf.input` metadata (written by export.input_spec):
-        {"shape": ["batch", C, H, W], "mode": ..., "resize": ...}; ValueError if it is not one."""
-        channels, height, width = metadata["shape"][1:]
-        # Files exported before the resize policy was recorded were all made with "stretch".
-        spec = cls(metadata["mode"], (height, width), metadata.get("resize", "stretch"))
-        if channels != spec.channels:
-            raise ValueError(f"shape {metadata['shape']}: {channels} channels, but mode {spec.mode!r}")
-        return spec
-
-
-@dataclass(frozen=True)
 class SourceInfo:
     """What the file was before preprocessing: Pillow mode and size as displayed (EXIF applied)."""
 
@@ -96,13 +52,13 @@ class SourceInfo:
     height: int
 
 
-def decode_image(data: bytes | str | os.PathLike, spec: ImageSpec, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes | str | os.PathLike, spec: InputSpec, max_pixels: int) -> np.ndarray:
     """File bytes or a path -> uint8 (C, H, W) per `spec`; BadImage if it cannot be."""
     return decode_image_with_info(data, spec, max_pixels)[0]
 
 
 def decode_image_with_info(
-    data: bytes | str | os.PathLike, spec: ImageSpec, max_pixels: int
+    data: bytes | str | os.PathLike, spec: InputSpec, max_pixels: int
 ) -> tuple[np.ndarray, SourceInfo]:
     """`decode_image`, plus what the source was (for the data report)."""
     with _open(data, max_pixels) as image:
@@ -163,7 +119,7 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
         image = Image.alpha_composite(white, rgba).convert("RGB")
     if image.mode == mode:
         return image
-    if image.mode not in MODES:
+    if image.mode not in MODE_CHANNELS:
         image = image.convert("RGB")  # palette, CMYK, YCbCr, 1-bit... Pillow knows each way to RGB
     return image.convert(mode)
 
@@ -181,7 +137,7 @@ def _to_eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8))
 
 
-def _resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
+def _resize(image: Image.Image, spec: InputSpec) -> Image.Image:
     height, width = spec.size
     if image.size == (width, height):
         return image

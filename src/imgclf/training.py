@@ -8,7 +8,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -20,9 +22,9 @@ from torch.nn import functional as F
 from imgclf import tracking
 from imgclf.config import Config, TrainConfig
 from imgclf.data.datamodule import ImageDataModule
-from imgclf.data.normalize import load_metadata
-from imgclf.fileio import atomic_path, read_json, write_json
-from imgclf.models import build_from_card
+from imgclf.data.normalized import load_card
+from imgclf.fileio import atomic_path, write_json
+from imgclf.models import build_model, checkpoint_record
 
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 RUN_ID_ENV = "IMGCLF_MLFLOW_RUN_ID"  # hands the run to DDP worker processes
@@ -35,11 +37,12 @@ class ImageClassifier(L.LightningModule):
     a `self.log` per step costs more than the step itself on small images.
     """
 
-    def __init__(self, net: nn.Module, train_config: TrainConfig, card: dict | None = None):
+    def __init__(self, net: nn.Module, train_config: TrainConfig, record: dict | None = None):
         super().__init__()
         self.net = net
         self.train_config = train_config
-        self.card = card or {}  # what export needs to rebuild the network, saved in the checkpoint
+        # What export needs to rebuild the network (imgclf.models.checkpoint_record): the checkpoint keeps it.
+        self.record = record or {}
         self.sums = {"train": torch.zeros(3), "val": torch.zeros(3)}  # loss * n, correct, n
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -99,7 +102,7 @@ class ImageClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["imgclf"] = self.card
+        checkpoint["imgclf"] = self.record
 
 
 class EpochLines(Callback):
@@ -179,19 +182,6 @@ class MlflowEpochMetrics(Callback):
             self.flush()  # the epochs that did finish belong in the run
 
 
-def network_card(config: Config, data_dir: Path, input_shape: tuple[int, ...]) -> dict:
-    classes, stats = load_metadata(data_dir)
-    return {
-        "model": config.model.model_dump(),
-        "input_shape": list(input_shape),
-        # How an image of any size became input_shape (normalize's choice, data/normalized/input.json):
-        # predict and serve resize uploads this way.
-        "resize": read_json(data_dir / "input.json")["resize"],
-        "classes": classes,
-        "stats": stats,
-    }
-
-
 def write_curves(rows: list[dict[str, float]], csv_path: Path, png_path: Path | None) -> None:
     with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
@@ -223,38 +213,84 @@ def train(
     config: Config,
     data_dir: Path,
     raw_dir: Path,
+    params_file: Path,
     checkpoint_out: Path,
     metrics_out: Path,
     curves_out: Path,
     curves_png: Path | None = None,
 ) -> dict[str, float]:
-    """Train the configured model on data/normalized/ and write the best checkpoint and metrics."""
-    # Lightning's banner lines (accelerator availability, tips) are noise in a pipeline log.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch internals, not actionable
+    """Train the configured model on data/normalized/; write the best checkpoint, metrics, curves.
+
+    Returns the metrics; {} in a DDP worker process, which writes nothing.
+    """
+    quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ImageDataModule(data_dir, config.train.batch_size, config.seed, augment=config.train.augment)
-    datamodule.setup("fit")
-    input_shape = tuple(datamodule.splits["train"][0].shape[1:])
-    card = network_card(config, data_dir, input_shape)
-    module = ImageClassifier(build_from_card(card), config.train, card)
+    card = load_card(data_dir)
+    with pipeline_run(config, data_dir, raw_dir) as run_id:
+        record = checkpoint_record(card, config.model, run_id)
+        module = ImageClassifier(build_model(config.model, card), config.train, record)
+        curves = EpochCurves()
+        write_points = partial(tracking.log_metric_history, config, run_id)
+        to_mlflow = MlflowEpochMetrics(curves, write_points, config.tracking.flush_seconds)
+        seconds = fit(config, module, datamodule, [curves, to_mlflow], checkpoint_out)
+    if seconds is None:
+        return {}
+    n_train = len(datamodule.splits["train"][1])
+    metrics = summarize(curves.rows, seconds, to_mlflow.seconds, n_train)
+    write_json(metrics_out, metrics)
+    write_curves(curves.rows, curves_out, curves_png)
+    tracking.log_metrics(config, run_id, {f"best_{k}": v for k, v in metrics.items()})
+    tracking.log_artifacts(config, run_id, [params_file, metrics_out, curves_out])
+    if curves_png:
+        tracking.log_artifacts(config, run_id, [curves_png], "plots")
+    return metrics
 
-    run_id = os.environ.get(RUN_ID_ENV)
-    if run_id is None:
-        run_id = tracking.start_run(config, tracking.lineage(config, data_dir, raw_dir))
-        tracking.log_data_report(config, run_id, data_dir / "report.json")
-        os.environ[RUN_ID_ENV] = run_id
-    card["mlflow_run_id"] = run_id
-    curves = EpochCurves()
-    to_mlflow = MlflowEpochMetrics(
-        curves,
-        lambda points: tracking.log_metric_history(config, run_id, points),
-        config.tracking.flush_seconds,
-    )
+
+def quiet_lightning() -> None:
+    """Lightning's banner lines (accelerator availability, tips) are noise in a pipeline log."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch internals, not actionable
+
+
+@contextmanager
+def pipeline_run(config: Config, data_dir: Path, raw_dir: Path) -> Iterator[str]:
+    """The pipeline's MLflow run: opened here, or joined in a DDP worker process.
+
+    Lightning starts DDP workers as copies of this process, which see this process's environment:
+    RUN_ID_ENV hands them the run while training lasts, and is gone afterwards, so that a second
+    training in one process opens a run of its own.
+    """
+    inherited = os.environ.get(RUN_ID_ENV)
+    if inherited:
+        yield inherited
+        return
+    run_id = tracking.start_run(config, tracking.lineage(config, data_dir, raw_dir))
+    tracking.log_data_report(config, run_id, data_dir / "report.json")
+    os.environ[RUN_ID_ENV] = run_id
+    try:
+        yield run_id
+    finally:
+        os.environ.pop(RUN_ID_ENV, None)
+
+
+def fit(
+    config: Config,
+    module: ImageClassifier,
+    datamodule: ImageDataModule,
+    callbacks: list[Callback],
+    checkpoint_out: Path,
+) -> float | None:
+    """Fit with early stopping; move the best checkpoint to checkpoint_out; return fit's seconds.
+
+    None in a DDP worker process: only the main process keeps the checkpoint.
+    """
     checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=".train.", dir=checkpoint_out.parent.resolve()))
     try:
         best = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val_loss", mode="min")
+        datamodule.setup("fit")
+        steps_per_epoch = len(datamodule.train_dataloader())
         trainer = L.Trainer(
             max_epochs=config.train.max_epochs,
             accelerator=config.trainer.accelerator,
@@ -262,13 +298,12 @@ def train(
             strategy=config.trainer.strategy,
             precision=config.trainer.precision,
             deterministic=config.trainer.deterministic,
-            logger=False,  # metrics go to MLflow through `to_mlflow`, in batches
+            logger=False,  # metrics go to MLflow through MlflowEpochMetrics, in batches
             callbacks=[
                 best,
                 EarlyStopping("val_loss", patience=config.train.early_stopping_patience),
-                curves,
-                to_mlflow,
-                progress_callback(len(datamodule.train_dataloader())),
+                *callbacks,
+                progress_callback(steps_per_epoch),
             ],
             default_root_dir=workdir,
             enable_model_summary=True,
@@ -278,27 +313,24 @@ def train(
         trainer.fit(module, datamodule=datamodule)
         seconds = time.perf_counter() - started
         if not trainer.is_global_zero:
-            return {}
+            return None
         shutil.move(best.best_model_path, checkpoint_out)
+        return seconds
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    best_row = min(curves.rows, key=lambda row: row.get("val_loss", float("inf")))
-    metrics = {
-        "train_loss": best_row["train_loss"],
-        "train_acc": best_row["train_acc"],
-        "val_loss": best_row["val_loss"],
-        "val_acc": best_row["val_acc"],
-        "best_epoch": best_row["epoch"],
-        "epochs": len(curves.rows),
+
+def summarize(rows: list[dict[str, float]], seconds: float, tracking_seconds: float, n_train: int) -> dict:
+    """metrics/train.json: the best epoch's numbers (lowest val_loss), and what the fit cost."""
+    best = min(rows, key=lambda row: row.get("val_loss", float("inf")))
+    return {
+        "train_loss": best["train_loss"],
+        "train_acc": best["train_acc"],
+        "val_loss": best["val_loss"],
+        "val_acc": best["val_acc"],
+        "best_epoch": best["epoch"],
+        "epochs": len(rows),
         "train_seconds": round(seconds, 3),
-        "tracking_seconds": round(to_mlflow.seconds, 3),
-        "train_images_per_s": round(len(curves.rows) * len(datamodule.splits["train"][1]) / seconds, 1),
+        "tracking_seconds": round(tracking_seconds, 3),
+        "train_images_per_s": round(len(rows) * n_train / seconds, 1),
     }
-    write_json(metrics_out, metrics)
-    write_curves(curves.rows, curves_out, curves_png)
-    tracking.log_metrics(config, run_id, {f"best_{k}": v for k, v in metrics.items()})
-    tracking.log_artifacts(config, run_id, [Path("params.yaml"), metrics_out, curves_out])
-    if curves_png:
-        tracking.log_artifacts(config, run_id, [curves_png], "plots")
-    return metrics

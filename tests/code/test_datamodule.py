@@ -53,12 +53,15 @@ def test_images_stay_paired_with_their_labels():
 
 def test_datamodule_serves_the_normalized_splits(digits_dirs):
     _, normalized = digits_dirs
-    module = ImageDataModule(normalized, batch_size=32, seed=0)
+    module = ImageDataModule(
+        normalized, batch_size=32, seed=0, augment=AugmentConfig(crop_padding=0, hflip=False)
+    )
     module.setup("fit")
     images, labels = next(iter(module.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (32, 1, 8, 8)
     assert labels.dtype == torch.int64
     assert sum(len(y) for _, y in module.val_dataloader()) == len(module.splits["val"][1])
+    assert "test" not in module.splits  # the test split is evaluate's, on the exported model
 
 
 # --- augmentation ------------------------------------------------------------------------------
@@ -91,7 +94,7 @@ def test_each_augmented_image_is_a_padded_crop_or_its_mirror(padding, hflip):
 
 def test_crop_offsets_span_the_whole_padding():
     images = torch.full((2000, 1, 1, 1), 9, dtype=torch.uint8)
-    out = BatchAugment(AugmentConfig(crop_padding=1), seed=0)(images)
+    out = BatchAugment(AugmentConfig(crop_padding=1, hflip=False), seed=0)(images)
     # A 1x1 image padded by 1 is a 3x3 window: the pixel survives in 1 of 9 offsets.
     assert 0.08 < (out == 9).float().mean() < 0.14
 
@@ -108,7 +111,7 @@ def test_augmentation_is_seeded_and_new_each_epoch():
 
 def test_no_augmentation_by_default():
     images = distinct_images()
-    assert BatchAugment(AugmentConfig(), seed=0)(images) is images
+    assert BatchAugment(AugmentConfig(crop_padding=0, hflip=False), seed=0)(images) is images
 
 
 class Recorder(L.LightningModule):
@@ -149,7 +152,7 @@ def fit_and_record(normalized, augment):
 
 def test_only_training_batches_are_augmented_and_runs_repeat(digits_dirs):
     _, normalized = digits_dirs
-    augment = AugmentConfig(crop_padding=2)
+    augment = AugmentConfig(crop_padding=2, hflip=False)
     module, seen = fit_and_record(normalized, augment)
     train_images, _ = module.splits["train"]
     plain = [images for images, _ in TensorBatches(train_images, module.splits["train"][1], 16, True, seed=5)]

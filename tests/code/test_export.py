@@ -7,21 +7,19 @@ import onnx
 import pytest
 import torch
 
-from imgclf.evaluation import inference_session
-from imgclf.export import INPUT_NAME, OUTPUT_NAME, Probabilities, check_parity, to_onnx
-from imgclf.models import build_from_card
+from imgclf.card import ModelCard
+from imgclf.export import CARD_METADATA, INPUT_NAME, OUTPUT_NAME, Probabilities, check_parity, to_onnx
+from imgclf.models import build_model
+from imgclf.runtime import inference_session
+from tests.conftest import compose_config, make_card
 
-CARD = {
-    "model": {"name": "cnn", "channels": [4, 8], "hidden": 16, "dropout": 0.25},
-    "input_shape": [1, 8, 8],
-    "classes": [str(d) for d in range(10)],
-    "stats": {"mean": [80.0], "std": [90.0]},
-}
+CARD = make_card((1, 8, 8), n_classes=10, resize="stretch")
+CNN = compose_config("model=cnn", "model.channels=[4,8]", "model.hidden=16").model
 
 
 def network(seed=0):
     torch.manual_seed(seed)
-    net = build_from_card(CARD)
+    net = build_model(CNN, CARD)
     for module in net.modules():  # non-trivial batchnorm statistics, as after training
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -45,9 +43,9 @@ def test_graph_signature_is_uint8_in_probabilities_out(exported):
     assert probabilities.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert image.type.tensor_type.shape.dim[0].dim_param == "batch"
     metadata = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(metadata["imgclf.classes"]) == CARD["classes"]
-    assert json.loads(metadata["imgclf.input"])["shape"] == ["batch", 1, 8, 8]
-    assert json.loads(metadata["imgclf.input"])["resize"] == "stretch"  # how serving sizes uploads
+    assert ModelCard.from_json(json.loads(metadata[CARD_METADATA])) == CARD
+    assert json.loads(metadata[CARD_METADATA])["input"]["shape"] == ["batch", 1, 8, 8]
+    assert json.loads(metadata[CARD_METADATA])["input"]["resize"] == "stretch"  # how serving sizes uploads
 
 
 @pytest.mark.parametrize("batch", [1, 17, 300])

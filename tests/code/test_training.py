@@ -8,8 +8,8 @@ from imgclf import tracking
 from imgclf.config import compose, validate
 from imgclf.data.datamodule import TensorBatches
 from imgclf.models import build_model
-from imgclf.training import EpochCurves, ImageClassifier, MlflowEpochMetrics
-from tests.conftest import REPO
+from imgclf.training import RUN_ID_ENV, EpochCurves, ImageClassifier, MlflowEpochMetrics, train
+from tests.conftest import REPO, make_card
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def fit_tiny(config, flush_seconds: float) -> tuple[str, list[list[tuple[str, fl
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (96, 1, 8, 8), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (96,), generator=generator)
-    net = build_model(config.model, (1, 8, 8), 10, {"mean": [100.0], "std": [50.0]})
+    net = build_model(config.model, make_card((1, 8, 8)))
     run_id = tracking.start_run(config, {})
     writes = []
 
@@ -68,3 +68,30 @@ def test_flush_seconds_zero_writes_every_epoch(config):
 def test_client_leaves_the_process_tracking_uri_alone(config):
     tracking.client(config)
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_train_twice_in_one_process_opens_two_runs_and_leaks_nothing(config, digits_dirs, tmp_path):
+    """The real train entry with tiny settings: checkpoint, metrics and curves, a run per call."""
+    from mlflow.tracking import MlflowClient
+
+    from imgclf.models import load_checkpoint
+
+    raw, normalized = digits_dirs
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 42\n")
+    config = validate(compose(["train.max_epochs=2"], REPO / "conf"))
+    run_ids = []
+    for attempt in ("first", "second"):
+        out = tmp_path / attempt
+        metrics = train(
+            config, normalized, raw, params, out / "model.ckpt", out / "train.json", out / "curves.csv", None
+        )
+        assert metrics["epochs"] == 2 and 0 < metrics["val_acc"] <= 1
+        assert (out / "train.json").is_file() and (out / "curves.csv").read_text().count("\n") == 3
+        assert RUN_ID_ENV not in os.environ  # the hand-over to DDP workers ends with the training
+        run_ids.append(load_checkpoint(out / "model.ckpt").mlflow_run_id)
+    assert run_ids[0] != run_ids[1]
+    client = MlflowClient(tracking.tracking_uri(config))
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        assert run.data.metrics["best_epochs"] == 2 and run.data.params["train.max_epochs"] == "2"

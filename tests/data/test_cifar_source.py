@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from imgclf.config import PublishedData
-from imgclf.data import sources
 from imgclf.data.fetch import DownloadError, RemoteFile
-from imgclf.data.sources import (
+from imgclf.data.sources import cifar10, get_source
+from imgclf.data.sources.cifar10 import (
     CIFAR10_ARCHIVE,
     CIFAR10_FOLDER,
     CIFAR10_RECORD,
-    get_source,
     parse_cifar_batch,
     read_cifar10,
 )
+from tests.conftest import data_config
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PER_BATCH = 10  # records in each of the five training batches and in the test batch
@@ -59,7 +59,7 @@ def cifar_archive(
 def publish(monkeypatch, archive: bytes) -> None:
     """Make the generated archive's digests the published ones."""
     digests = {"sha256": hashlib.sha256(archive).hexdigest(), "md5": hashlib.md5(archive).hexdigest()}
-    monkeypatch.setitem(sources.CIFAR10_FILES, CIFAR10_ARCHIVE, RemoteFile(CIFAR10_ARCHIVE, **digests))
+    monkeypatch.setitem(cifar10.CIFAR10_FILES, CIFAR10_ARCHIVE, RemoteFile(CIFAR10_ARCHIVE, **digests))
 
 
 def fetch_and_read(config: PublishedData, raw):
@@ -78,7 +78,7 @@ def served(http_mirror, monkeypatch):
 
 
 def test_cifar10_over_http_resumes_and_reads_every_record(served, http_mirror, tmp_path):
-    config = PublishedData(name="cifar10", mirrors=[http_mirror.mirror("cut")], cache_dir=str(tmp_path / "c"))
+    config = data_config("cifar10", mirrors=[http_mirror.mirror("cut")], cache_dir=str(tmp_path / "c"))
     dataset = fetch_and_read(config, tmp_path / "raw")
     assert http_mirror.ranges  # the cut transfer was resumed, not restarted
     assert dataset.images.shape == (60, 3, 32, 32) and dataset.images.dtype == np.uint8
@@ -89,7 +89,7 @@ def test_cifar10_over_http_resumes_and_reads_every_record(served, http_mirror, t
 
 
 def test_pixel_planes_and_rows_keep_their_layout(served, http_mirror, tmp_path):
-    config = PublishedData(name="cifar10", mirrors=[http_mirror.mirror()], cache_dir=str(tmp_path / "c"))
+    config = data_config("cifar10", mirrors=[http_mirror.mirror()], cache_dir=str(tmp_path / "c"))
     red, green, blue = fetch_and_read(config, tmp_path / "raw").images[50]
     assert np.array_equal(red, RED) and np.array_equal(green, GREEN) and np.array_equal(blue, BLUE)
     assert (red[0, 1], red[1, 0], green[0, 1]) == (1, 32, 254)  # row-major, R before G
@@ -100,8 +100,8 @@ def test_file_mirror_then_the_cache_answers(tmp_path, monkeypatch):
     publish(monkeypatch, archive)
     (tmp_path / "mirror").mkdir()
     (tmp_path / "mirror" / CIFAR10_ARCHIVE).write_bytes(archive)
-    config = PublishedData(
-        name="cifar10", mirrors=[(tmp_path / "mirror").as_uri()], cache_dir=str(tmp_path / "cache")
+    config = data_config(
+        "cifar10", mirrors=[(tmp_path / "mirror").as_uri()], cache_dir=str(tmp_path / "cache")
     )
     assert np.array_equal(fetch_and_read(config, tmp_path / "raw1").labels, arrays["labels"])
     (tmp_path / "mirror" / CIFAR10_ARCHIVE).unlink()
@@ -110,10 +110,11 @@ def test_file_mirror_then_the_cache_answers(tmp_path, monkeypatch):
 
 def test_download_and_normalize_keep_the_official_test_split(served, http_mirror, tmp_path):
     from imgclf.data.download import download
-    from imgclf.data.normalize import load_split, normalize
+    from imgclf.data.normalize import normalize
+    from imgclf.data.normalized import load_split
 
-    config = PublishedData(
-        name="cifar10", mirrors=[http_mirror.mirror()], cache_dir=str(tmp_path / "c"), val_fraction=0.2
+    config = data_config(
+        "cifar10", mirrors=[http_mirror.mirror()], cache_dir=str(tmp_path / "c"), val_fraction=0.2
     )
     raw = download(config, tmp_path / "raw")
     normalize(config, 0, raw, tmp_path / "normalized")
@@ -124,8 +125,8 @@ def test_download_and_normalize_keep_the_official_test_split(served, http_mirror
 
 
 def test_a_wrong_archive_is_refused_and_nothing_is_written(served, http_mirror, tmp_path, monkeypatch):
-    monkeypatch.setitem(sources.CIFAR10_FILES, CIFAR10_ARCHIVE, RemoteFile(CIFAR10_ARCHIVE, md5="0" * 32))
-    config = PublishedData(name="cifar10", mirrors=[http_mirror.mirror()], cache_dir=str(tmp_path / "c"))
+    monkeypatch.setitem(cifar10.CIFAR10_FILES, CIFAR10_ARCHIVE, RemoteFile(CIFAR10_ARCHIVE, md5="0" * 32))
+    config = data_config("cifar10", mirrors=[http_mirror.mirror()], cache_dir=str(tmp_path / "c"))
     with pytest.raises(DownloadError, match="checksum mismatch"):
         fetch_and_read(config, tmp_path / "raw")
     assert list((tmp_path / "raw").iterdir()) == []

@@ -8,9 +8,9 @@ import pytest
 
 from imgclf.config import compose, validate
 from imgclf.data.download import MANIFEST
-from imgclf.data.normalize import SPLITS, image_hashes, load_metadata, load_split, split_indices
+from imgclf.data.normalize import image_hashes, split_indices
+from imgclf.data.normalized import SPLITS, load_card, load_split
 from imgclf.data.sources import get_source
-from imgclf.fileio import read_json
 from tests.conftest import REPO
 
 
@@ -55,12 +55,13 @@ def test_no_image_is_in_two_splits_and_the_report_says_so(digits_dirs):
 
 def test_stats_are_those_of_the_train_split(digits_dirs):
     _, normalized = digits_dirs
-    classes, stats = load_metadata(normalized)
+    card = load_card(normalized)
     train, _ = load_split(normalized, "train")
-    assert classes == [str(d) for d in range(10)]
-    assert read_json(normalized / "input.json") == {"mode": "L", "size": [8, 8], "resize": "stretch"}
-    assert stats["mean"][0] == pytest.approx(train.mean(), rel=1e-6)
-    assert stats["std"][0] == pytest.approx(train.std(), rel=1e-6)
+    assert card.classes == tuple(str(d) for d in range(10))
+    # Published sets come at their size: an upload of another size is stretched to 8x8.
+    assert (card.input.mode, card.input.size, card.input.resize) == ("L", (8, 8), "stretch")
+    assert card.normalization.mean[0] == pytest.approx(train.mean(), rel=1e-6)
+    assert card.normalization.std[0] == pytest.approx(train.std(), rel=1e-6)
 
 
 def test_split_depends_on_the_seed_only(digits_dirs):

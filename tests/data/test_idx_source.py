@@ -6,10 +6,11 @@ import hashlib
 import numpy as np
 import pytest
 
-from imgclf.config import PublishedData
-from imgclf.data import sources
 from imgclf.data.fetch import DownloadError, RemoteFile
-from imgclf.data.sources import IDX_FILES, files_fetcher, get_source, idx_reader, read_idx
+from imgclf.data.sources import get_source, idx
+from imgclf.data.sources.idx import IDX_FILES, idx_reader, read_idx
+from imgclf.data.sources.registry import files_fetcher
+from tests.conftest import data_config
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -44,7 +45,7 @@ def mirror(tmp_path):
 
 def test_fetch_and_read_generated_idx(mirror, tmp_path):
     folder, arrays, checksums = mirror
-    config = PublishedData(name="mnist", mirrors=[folder.as_uri()], cache_dir=str(tmp_path / "cache"))
+    config = data_config("mnist", mirrors=[folder.as_uri()], cache_dir=str(tmp_path / "cache"))
     target = tmp_path / "raw"
     target.mkdir()
     files_fetcher({name: RemoteFile(name, payload_sha256=digest) for name, digest in checksums.items()})(
@@ -77,13 +78,13 @@ def fashion(http_mirror, monkeypatch):
         published = RemoteFile(
             name, sha256=hashlib.sha256(archive).hexdigest(), md5=hashlib.md5(archive).hexdigest()
         )
-        monkeypatch.setitem(sources.FASHION_MNIST_FILES, name, published)
+        monkeypatch.setitem(idx.FASHION_MNIST_FILES, name, published)
     return arrays
 
 
 def test_fashion_mnist_over_http_keeps_names_labels_and_the_test_split(fashion, http_mirror, tmp_path):
-    config = PublishedData(
-        name="fashion_mnist",
+    config = data_config(
+        "fashion_mnist",
         mirrors=[http_mirror.mirror("flaky"), http_mirror.mirror()],
         cache_dir=str(tmp_path / "cache"),
     )
@@ -104,7 +105,7 @@ def test_fashion_mnist_refuses_a_file_that_does_not_match_its_published_digests(
 ):
     name = IDX_FILES["train_labels"]
     http_mirror.files[name] = gzip.compress(b"\0\0\x08\x01\0\0\0\0", mtime=0)
-    config = PublishedData(name="fashion_mnist", mirrors=[http_mirror.mirror()], cache_dir=str(tmp_path))
+    config = data_config("fashion_mnist", mirrors=[http_mirror.mirror()], cache_dir=str(tmp_path))
     (tmp_path / "raw").mkdir()
     with pytest.raises(DownloadError, match=f"could not fetch {name}.*checksum mismatch"):
         get_source("fashion_mnist").fetch(config, tmp_path / "raw")

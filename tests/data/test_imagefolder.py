@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,10 +20,11 @@ from PIL import Image
 from imgclf.config import ImageFolderData, compose, validate
 from imgclf.data.archives import ArchiveError
 from imgclf.data.download import MANIFEST, download
-from imgclf.data.imagefolder import decode_folder
-from imgclf.data.normalize import SPLITS, load_metadata, load_split, normalize
+from imgclf.data.normalize import normalize
+from imgclf.data.normalized import SPLITS, load_card, load_split
+from imgclf.data.sources.imagefolder import decode_folder
 from imgclf.errors import ConfigError, ImgclfError
-from tests.conftest import REPO, tool_env
+from tests.conftest import REPO, data_config, tool_env
 
 CLASSES = ["cats", "dogs", "owls"]  # each has its own dominant colour channel: R, G, B
 PER_CLASS = 20
@@ -99,12 +101,13 @@ def tarred(root: Path) -> bytes:
 
 
 def config_for(tmp_path: Path, **keys) -> ImageFolderData:
+    """conf/data/imagefolder.yaml's values, small images, one worker, a private cache, then `keys`."""
     defaults = {"image_size": [8, 8], "workers": 1, "cache_dir": str(tmp_path / "cache")}
-    return ImageFolderData(name="imagefolder", **(defaults | keys))
+    return data_config("imagefolder", **(defaults | keys))
 
 
 def run_stages(config: ImageFolderData, data: Path) -> dict:
-    raw = download(config, data / "raw")
+    raw = download(config, data / "raw" / "imagefolder")
     return normalize(config, 0, raw, data / "normalized")
 
 
@@ -131,14 +134,11 @@ def test_local_folder_downloads_and_normalizes(tmp_path, tree, data):
     assert (raw / "dogs" / "03.jpg").read_bytes() == (tree / "dogs" / "03.jpg").read_bytes()
 
     normalized = data / "normalized"
-    classes, stats = load_metadata(normalized)
-    assert classes == CLASSES
+    card = load_card(normalized)
+    assert list(card.classes) == CLASSES
     # What the model will carry, so that serving sizes uploads as normalize did (crop: the default).
-    assert json.loads((normalized / "input.json").read_text()) == {
-        "mode": "RGB",
-        "size": [8, 8],
-        "resize": "crop",
-    }
+    assert (card.input.mode, card.input.size, card.input.resize) == ("RGB", (8, 8), "crop")
+    stats = card.normalization.to_json()
     report = json.loads((normalized / "report.json").read_text())
     assert sum(report["n_images"].values()) == 3 * PER_CLASS
     for split in SPLITS:
@@ -219,7 +219,7 @@ def test_archive_over_http_gives_the_same_raw_data(tmp_path, tree, data, http_mi
     assert snapshot(fresh / "normalized") == snapshot(data / "normalized")
     # A second download is answered by the verified cache: the server is not asked again.
     asked = dict(http_mirror.hits)
-    download(config, tmp_path / "again")
+    download(config, tmp_path / "again" / "imagefolder")
     assert http_mirror.hits == asked
     assert snapshot(tmp_path / "again" / "imagefolder") == local
 
@@ -244,7 +244,7 @@ def test_archive_with_path_traversal_is_refused(tmp_path, data, http_mirror):
     before = snapshot(data)
     expected = r"evil\.zip: member '\.\./\.\./escaped\.png' has a '\.\.' component"
     with pytest.raises(ArchiveError, match=expected):
-        download(config, data / "raw")
+        download(config, data / "raw" / "imagefolder")
     assert snapshot(data) == before
     assert not list(tmp_path.rglob("escaped.png"))
 
@@ -253,23 +253,40 @@ def test_failed_download_leaves_data_as_it_was(tmp_path, data, http_mirror):
     before = snapshot(data)
     config = config_for(tmp_path, url=http_mirror.mirror("missing") + "pets.zip", sha256="0" * 64)
     with pytest.raises(ImgclfError, match="HTTP 404"):
-        download(config, data / "raw")
+        download(config, data / "raw" / "imagefolder")
     assert snapshot(data) == before
 
 
 @pytest.mark.parametrize(
-    ("keys", "message"),
+    ("overrides", "message"),
     [
-        ({}, "data.path and data.url: set exactly one (neither is set)"),
-        ({"path": "/x", "url": "http://x/a.zip"}, "data.path and data.url: set exactly one (both are set)"),
-        ({"path": "/no/such/folder"}, "data.path='/no/such/folder': no such folder"),
-        ({"url": "ftp://x/a.zip"}, "data.url='ftp://x/a.zip': scheme 'ftp' is not supported"),
+        ([], "data.path and data.url: set exactly one (neither is set)"),
+        (
+            ["data.path=/x", "data.url=http://x/a.zip"],
+            "data.path and data.url: set exactly one (both are set)",
+        ),
+        (["data.url=ftp://x/a.zip"], "data.url='ftp://x/a.zip': scheme 'ftp' is not supported"),
+        (
+            ["data.url=https://x/pets"],
+            "data.url='https://x/pets': must end with the archive's file name: .zip",
+        ),
+        (["data.url='https://x/a.zip?raw=1'"], None),  # a query after the name is fine
     ],
 )
-def test_config_errors_are_one_clear_line(tmp_path, keys, message):
+def test_schema_checks_path_and_url_in_one_clear_line(overrides, message):
+    if message is None:
+        validate(compose(["data=imagefolder", *overrides], REPO / "conf"))
+        return
     with pytest.raises(ConfigError) as error:
-        download(config_for(tmp_path, **keys), tmp_path / "raw")
+        validate(compose(["data=imagefolder", *overrides], REPO / "conf"))
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert error.value.exit_code == 2
+
+
+def test_a_missing_folder_is_one_clear_line_and_writes_nothing(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        download(config_for(tmp_path, path="/no/such/folder"), tmp_path / "raw" / "imagefolder")
+    assert str(error.value) == "data.path='/no/such/folder': no such folder"
     assert error.value.exit_code == 2
     assert list((tmp_path / "raw").iterdir()) == []
 
@@ -285,24 +302,33 @@ def test_one_class_or_an_empty_class_is_refused(tmp_path):
         download(config_for(tmp_path, path=str(tmp_path / "one")), tmp_path / "raw")
 
 
-def test_stage_entry_point_exits_2_on_a_config_error(tmp_path):
-    params = compose(["data=imagefolder"], REPO / "conf")
-    assert validate(params).data.name == "imagefolder"  # composes; the missing path is the stage's to report
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+def test_params_and_the_stage_entry_point_exit_2_before_any_work(tmp_path):
+    expected = (
+        "imgclf: error: data.path and data.url: set exactly one (neither is set): a local folder with one "
+        "subfolder per class, or the http(s):// or file:// URL of a .zip or .tar archive of one"
+    )
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    env = tool_env(REPO) | {"PYTHONPATH": str(REPO / "src") + os.pathsep + str(REPO)}
+    imgclf = [sys.executable, "-c", "from imgclf.cli import main; main()"]
     done = subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "download.py")],
+        [*imgclf, "params", "data=imagefolder"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [expected]
+    assert not (tmp_path / "params.yaml").exists()
+
+    # A params.yaml edited by hand is checked again by the stage, before it downloads anything.
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(compose(["data=imagefolder"], REPO / "conf")))
+    stage = [sys.executable, str(REPO / "pipelines" / "download.py"), "--params", "params.yaml"]
+    done = subprocess.run(
+        [*stage, "--raw", "data/raw/imagefolder"],
         cwd=tmp_path,
-        env=tool_env(REPO) | {"PYTHONPATH": str(REPO / "src") + os.pathsep + str(REPO)},
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "imgclf: error: data.path and data.url: set exactly one (neither is set): a local folder with one "
-        "subfolder per class, or the http(s):// or file:// URL of a .zip or .tar archive of one"
-    ]
-    assert not (tmp_path / "data" / "raw" / "imagefolder").exists()
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [expected]
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_file_name_that_is_not_utf8_stops_download(tmp_path, data):
@@ -311,5 +337,5 @@ def test_a_file_name_that_is_not_utf8_stops_download(tmp_path, data):
         f.write(b"not even an image")
     before = snapshot(data)
     with pytest.raises(ImgclfError, match=r"caf\\udce9\.png.*not valid UTF-8"):
-        download(config_for(tmp_path, path=str(root)), data / "raw")
+        download(config_for(tmp_path, path=str(root)), data / "raw" / "imagefolder")
     assert snapshot(data) == before

@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgclf.card import InputSpec
 from imgclf.images import (
     FORMATS,
     IMAGE_SUFFIXES,
     BadImage,
-    ImageSpec,
     decode_image,
     decode_image_with_info,
     image_size,
 )
 from tests.conftest import REPO, tool_env
 
-RGB_4x4 = ImageSpec("RGB", (4, 4), "stretch")
-GREY_4x4 = ImageSpec("L", (4, 4), "stretch")
+RGB_4x4 = InputSpec("RGB", (4, 4), "stretch")
+GREY_4x4 = InputSpec("L", (4, 4), "stretch")
 MAX = 10**6
 
 
@@ -43,22 +43,6 @@ def png_header_only(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     )
-
-
-def test_spec_comes_from_an_exported_models_input_metadata_and_validates():
-    # As export.input_spec writes it into the ONNX file's `imgclf.input`.
-    metadata = {"name": "image", "dtype": "uint8", "shape": ["batch", 3, 32, 48], "mode": "RGB"}
-    spec = ImageSpec.from_input_metadata({**metadata, "resize": "crop", "layout": "NCHW"})
-    assert spec == ImageSpec("RGB", (32, 48), "crop")
-    assert spec.channels == 3 and spec.shape == (3, 32, 48)
-    # Files exported before the resize policy was recorded were all made with "stretch".
-    assert ImageSpec.from_input_metadata(metadata).resize == "stretch"
-    with pytest.raises(ValueError, match="1 channels, but mode 'RGB'"):
-        ImageSpec.from_input_metadata({**metadata, "shape": ["batch", 1, 32, 48]})
-    with pytest.raises(ValueError, match="mode='CMYK'"):
-        ImageSpec("CMYK", (8, 8))
-    with pytest.raises(ValueError, match="size"):
-        ImageSpec("L", (8, 0))
 
 
 def test_rgb_png_from_bytes_and_from_a_path_agree(tmp_path):
@@ -132,7 +116,9 @@ def test_palette_png_with_and_without_transparency():
 def test_cmyk_jpeg_becomes_rgb():
     cmyk = Image.new("CMYK", (16, 16), (0, 0, 0, 0))  # no ink: white
     cmyk.paste((0, 255, 255, 0), (0, 0, 16, 8))  # magenta + yellow: red
-    pixels, info = decode_image_with_info(encode(cmyk, "JPEG", quality=95), ImageSpec("RGB", (16, 16)), MAX)
+    pixels, info = decode_image_with_info(
+        encode(cmyk, "JPEG", quality=95), InputSpec("RGB", (16, 16), "crop"), MAX
+    )
     assert info.mode == "CMYK"
     assert pixels[:, 2, 8].tolist() == pytest.approx([255, 0, 0], abs=8)
     assert pixels[:, 13, 8].tolist() == pytest.approx([255, 255, 255], abs=8)
@@ -141,8 +127,8 @@ def test_cmyk_jpeg_becomes_rgb():
 def test_greyscale_jpeg_in_either_mode():
     grey = Image.new("L", (16, 16), 200)
     data = encode(grey, "JPEG", quality=95)
-    as_grey = decode_image(data, ImageSpec("L", (16, 16)), MAX)
-    as_rgb = decode_image(data, ImageSpec("RGB", (16, 16)), MAX)
+    as_grey = decode_image(data, InputSpec("L", (16, 16), "crop"), MAX)
+    as_rgb = decode_image(data, InputSpec("RGB", (16, 16), "crop"), MAX)
     assert as_grey.shape == (1, 16, 16) and as_rgb.shape == (3, 16, 16)
     assert abs(int(as_grey[0, 8, 8]) - 200) <= 2
     assert np.array_equal(as_rgb[0], as_rgb[2]) and np.array_equal(as_rgb[0], as_grey[0])
@@ -156,7 +142,7 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6
     data = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
-    pixels, info = decode_image_with_info(data, ImageSpec("L", (40, 20), "stretch"), MAX)
+    pixels, info = decode_image_with_info(data, InputSpec("L", (40, 20), "stretch"), MAX)
     assert (info.width, info.height) == (20, 40)
     assert pixels.shape == (1, 40, 20)
     assert pixels[0, :18].mean() < 10 and pixels[0, 22:].mean() > 245
@@ -168,16 +154,16 @@ def test_crop_keeps_the_centre_and_stretch_keeps_everything():
     wide[:, 5:35] = (0, 255, 0)
     wide[:, 35:] = (0, 0, 255)
     data = encode(Image.fromarray(wide), "PNG")
-    cropped = decode_image(data, ImageSpec("RGB", (10, 10), "crop"), MAX)
-    stretched = decode_image(data, ImageSpec("RGB", (10, 10), "stretch"), MAX)
+    cropped = decode_image(data, InputSpec("RGB", (10, 10), "crop"), MAX)
+    stretched = decode_image(data, InputSpec("RGB", (10, 10), "stretch"), MAX)
     # crop: the centre 20x20 of the 40x20 image, all green (the filter reaches 2 pixels past it)
     assert (cropped[1] == 255).all() and (cropped[0] == 0).all() and (cropped[2] == 0).all()
     # stretch: the whole width, squeezed: red on the left edge, blue on the right
     assert stretched[0, :, 0].min() > 150 and stretched[2, :, 9].min() > 150
     assert (stretched[1, :, 3:7] == 255).all()
     # The same input gives the same bytes every time: the filter is fixed.
-    again = decode_image(data, ImageSpec("RGB", (7, 13), "crop"), MAX)
-    assert np.array_equal(again, decode_image(data, ImageSpec("RGB", (7, 13), "crop"), MAX))
+    again = decode_image(data, InputSpec("RGB", (7, 13), "crop"), MAX)
+    assert np.array_equal(again, decode_image(data, InputSpec("RGB", (7, 13), "crop"), MAX))
 
 
 def test_truncated_jpeg_is_a_bad_image():
@@ -208,14 +194,15 @@ def test_not_images_are_bad_images_with_a_reason(tmp_path, data, reason):
 WARNINGS_PROBE = """
 import sys, warnings
 from pathlib import Path
-from imgclf.images import BadImage, ImageSpec, decode_image
+from imgclf.card import InputSpec
+from imgclf.images import BadImage, decode_image
 
 def swap_the_filters(*args, **kwargs):
     raise AssertionError("warnings.catch_warnings per decode: threads decoding at once race on it")
 
 warnings.catch_warnings = swap_the_filters
 try:
-    decode_image(Path(sys.argv[1]).read_bytes(), ImageSpec("L", (4, 4)), 10**6)
+    decode_image(Path(sys.argv[1]).read_bytes(), InputSpec("L", (4, 4), "crop"), 10**6)
 except BadImage as error:
     print(error)
 """

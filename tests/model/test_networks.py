@@ -3,25 +3,25 @@
 import pytest
 import torch
 
-from imgclf.config import CNNConfig, MLPConfig
 from imgclf.errors import ConfigError
 from imgclf.models import Normalize, build_model
+from imgclf.models.registry import MODELS
+from tests.conftest import REPO, compose_config, make_card
 
 STATS = {"mean": [100.0], "std": [50.0]}
+MODEL_CHOICES = sorted(path.stem for path in (REPO / "conf/model").glob("*.yaml"))
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        MLPConfig(name="mlp", hidden=[32, 16], activation="tanh"),
-        MLPConfig(name="mlp", hidden=[], activation="sigmoid"),
-        CNNConfig(name="cnn", channels=[8, 16], hidden=32),
-    ],
-)
+def test_every_model_in_conf_is_registered_and_every_registered_model_has_a_config():
+    assert sorted(MODELS) == MODEL_CHOICES
+
+
+@pytest.mark.parametrize("model", MODEL_CHOICES)
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
-def test_networks_map_uint8_batches_to_logits(config, shape):
-    stats = {"mean": [100.0] * shape[0], "std": [50.0] * shape[0]}
-    net = build_model(config, shape, n_classes=7, stats=stats).eval()
+def test_networks_map_uint8_batches_to_logits(model, shape):
+    overrides = {"mlp": [], "cnn": ["model.channels=[8,16]"], "resnet": ["model.depth=8", "model.width=4"]}
+    config = compose_config(f"model={model}", *overrides.get(model, []))
+    net = build_model(config.model, make_card(shape, n_classes=7)).eval()
     pixels = torch.randint(0, 256, (5, *shape), dtype=torch.uint8)
     assert net(pixels).shape == (5, 7)
 
@@ -38,11 +38,15 @@ def test_bad_stats_are_refused():
 
 
 def test_too_many_conv_blocks_is_a_config_error():
+    config = compose_config("model=cnn", "model.channels=[4,4,4,4]", "model.hidden=8")
     with pytest.raises(ConfigError, match=r"model\.channels"):
-        build_model(CNNConfig(name="cnn", channels=[4, 4, 4, 4], hidden=8), (1, 8, 8), 10, STATS)
+        build_model(config.model, make_card((1, 8, 8)))
 
 
-def test_mlp_activation_is_the_configured_one():
-    net = build_model(MLPConfig(name="mlp", hidden=[4], activation="tanh"), (1, 2, 2), 3, STATS)
-    assert any(isinstance(m, torch.nn.Tanh) for m in net.modules())
-    assert not any(isinstance(m, torch.nn.ReLU) for m in net.modules())
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_mlp_activation_is_the_configured_one(activation):
+    config = compose_config("model.hidden=[4]", f"model.activation={activation}")
+    net = build_model(config.model, make_card((1, 2, 2), n_classes=3))
+    kinds = {torch.nn.ReLU: "relu", torch.nn.Sigmoid: "sigmoid", torch.nn.Tanh: "tanh"}
+    found = {name for kind, name in kinds.items() if any(isinstance(m, kind) for m in net.modules())}
+    assert found == {activation}

@@ -1,98 +1,18 @@
-"""A real digits model for the serving tests, real uvicorn servers, and images made by the tests.
-
-The model is trained here for a few seconds with a plain PyTorch loop on the digits splits that
-the real download and normalize stages produce, then exported by the export stage's `to_onnx`,
-so its predictions mean something and its file is what the pipeline would ship. It is exported
-twice: with `resize: stretch` (the model most tests serve) and with `resize: crop`.
-"""
+"""The served digits model (tests/conftest.py trains and exports it), real uvicorn servers, and
+images made by the tests."""
 
 import contextlib
 import io
-import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 TOKEN = "test-token-6f1c"
-EPOCHS = 25
-
-
-@pytest.fixture(scope="session")
-def digits_splits(digits_dirs) -> dict:
-    """The normalized digits splits: images uint8 (N, 1, 8, 8), labels, classes, stats."""
-    _, normalized = digits_dirs
-    splits = {
-        split: (np.load(normalized / split / "images.npy"), np.load(normalized / split / "labels.npy"))
-        for split in ("train", "test")
-    }
-    classes = json.loads((normalized / "classes.json").read_text())
-    stats = json.loads((normalized / "stats.json").read_text())
-    return {**splits, "classes": classes, "stats": stats}
-
-
-@pytest.fixture(scope="session")
-def digits_network(digits_splits) -> tuple:
-    """(the trained network with its softmax, an example batch, its model card without "resize")."""
-    import torch
-    from torch.nn import functional
-
-    from imgclf.export import Probabilities
-    from imgclf.models import build_from_card
-
-    images, labels = digits_splits["train"]
-    card = {
-        "model": {"name": "mlp", "hidden": [64], "activation": "relu", "dropout": 0.0},
-        "input_shape": list(images.shape[1:]),
-        "classes": digits_splits["classes"],
-        "stats": digits_splits["stats"],
-    }
-    torch.manual_seed(0)
-    net = build_from_card(card)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(images), torch.from_numpy(labels).long()
-    for _ in range(EPOCHS):
-        for batch in torch.randperm(len(x)).split(64):
-            loss = functional.cross_entropy(net(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return Probabilities(net).eval(), x[:2], card
-
-
-def export_model(digits_network: tuple, folder: Path, resize: str) -> Path:
-    """model.onnx and its sidecar model.json, as the export stage lays them out in models/."""
-    from imgclf.export import input_spec, to_onnx
-
-    model, example, card = digits_network
-    card = {**card, "resize": resize}
-    proto = to_onnx(model, example, card)
-    (folder / "model.onnx").write_bytes(proto.SerializeToString())
-    sidecar = {
-        "name": "digits-test",
-        "classes": card["classes"],
-        "input": input_spec(card),
-        "lineage": {"mlflow_run_id": "0123456789abcdef", "data.name": "digits"},
-    }
-    (folder / "model.json").write_text(json.dumps(sidecar))
-    return folder / "model.onnx"
-
-
-@pytest.fixture(scope="session")
-def model_path(digits_network, tmp_path_factory) -> Path:
-    """The model that stretches an image to its 8x8 input."""
-    return export_model(digits_network, tmp_path_factory.mktemp("models"), "stretch")
-
-
-@pytest.fixture(scope="session")
-def crop_model_path(digits_network, tmp_path_factory) -> Path:
-    """The same network, exported to centre-crop an image to its 8x8 input."""
-    return export_model(digits_network, tmp_path_factory.mktemp("crop-models"), "crop")
 
 
 @pytest.fixture(scope="session")

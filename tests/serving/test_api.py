@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.images import ImageSpec
+from imgclf.card import InputSpec
 from imgclf.serving.app import FULL_SIZE_IMAGES_PER_REQUEST, MAX_FILES, create_app
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, MIB
 from imgclf.serving.model import ServedModel
@@ -29,8 +29,8 @@ from tests.serving.conftest import (
 )
 
 # The served model's input, as the test model's card says; the crop model differs only in resize.
-STRETCH = ImageSpec("L", (8, 8), "stretch")
-CROP = ImageSpec("L", (8, 8), "crop")
+STRETCH = InputSpec("L", (8, 8), "stretch")
+CROP = InputSpec("L", (8, 8), "crop")
 
 
 def post_files(client, *files, **params) -> httpx.Response:
@@ -68,10 +68,10 @@ def test_answers_equal_onnx_runtime_on_the_raw_test_split(client, digits_splits,
     for row, i in enumerate(picked):
         response = post_files(client, (f"test-{i}.png", grey_png(images[i]), "image/png"))
         answer = response.json()["predictions"][0]
-        got = np.array([answer["probabilities"][c] for c in digits_splits["classes"]])
+        got = np.array([answer["probabilities"][c] for c in digits_splits["card"].classes])
         np.testing.assert_allclose(got, expected[row], rtol=0, atol=1e-6)
         assert answer["index"] == int(expected[row].argmax())
-        assert answer["label"] == digits_splits["classes"][answer["index"]]
+        assert answer["label"] == digits_splits["card"].classes[answer["index"]]
         correct += answer["index"] == labels[i]
     assert correct >= 0.85 * len(picked)  # a trained model, so the comparison means something
 

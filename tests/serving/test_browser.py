@@ -67,7 +67,7 @@ def digit_png(digits_splits, served_model, tmp_path_factory) -> tuple[Path, str]
         big.save(path)
         probabilities = served_model.predict(served_model.preprocess(path)[None])[0]
         if probabilities.argmax() == label and probabilities.max() > 0.9:
-            return path, digits_splits["classes"][label]
+            return path, digits_splits["card"].classes[label]
     raise AssertionError("the served model gets no test digit right with confidence")
 
 

@@ -14,8 +14,8 @@ from tests.serving.conftest import grey_png
 
 
 def test_spec_and_card_come_from_the_file_and_its_sidecar(served_model, model_path):
-    assert served_model.spec.shape == (1, 8, 8)
-    assert (served_model.spec.mode, served_model.spec.resize) == ("L", "stretch")
+    assert served_model.card.input.shape == (1, 8, 8)
+    assert (served_model.card.input.mode, served_model.card.input.resize) == ("L", "stretch")
     card = served_model.describe()
     assert set(card) >= {"name", "version", "classes", "input", "lineage", "registry"}
     assert card["name"] == "digits-test"
@@ -42,10 +42,12 @@ def test_input_metadata_that_contradicts_itself_is_a_model_error(model_path, tmp
 
     proto = onnx.load(str(model_path))
     for prop in proto.metadata_props:
-        if prop.key == "imgclf.input":
-            prop.value = json.dumps({**json.loads(prop.value), "mode": "RGB"})  # the shape says 1 channel
+        if prop.key == "imgclf.card":
+            card = json.loads(prop.value)
+            card["input"]["mode"] = "RGB"  # the shape says 1 channel
+            prop.value = json.dumps(card)
     onnx.save(proto, str(tmp_path / "model.onnx"))
-    with pytest.raises(ModelError, match=r"bad imgclf metadata: .*1 channels, but mode 'RGB'"):
+    with pytest.raises(ModelError, match=r"bad imgclf.card metadata: .*inconsistent"):
         ServedModel.load(str(tmp_path / "model.onnx"))
 
 
@@ -135,7 +137,7 @@ def test_a_registry_uri_without_a_store_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_model_card_is_json_serialisable(served_model):
-    assert json.loads(json.dumps(served_model.describe()))["classes"] == list(served_model.classes)
+    assert json.loads(json.dumps(served_model.describe()))["classes"] == list(served_model.card.classes)
 
 
 def test_registry_store_follows_the_pipelines_rule(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from imgclf.images import ImageSpec
+from imgclf.card import InputSpec
 from tests.conftest import REPO, tool_env
 from tests.serving.conftest import grey_png, reference_answer, wide_digits
 
@@ -70,7 +70,7 @@ def test_json_lines_with_top_k(model_path, image_folder, digits_splits):
         probabilities = list(record["probabilities"].values())
         assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
         assert record["label"] == next(iter(record["probabilities"]))
-        assert record["label"] == digits_splits["classes"][record["index"]]
+        assert record["label"] == digits_splits["card"].classes[record["index"]]
     correct = sum(r["label"] == r["file"].split("label")[1][0] for r in records)
     assert correct >= 3
 
@@ -112,8 +112,8 @@ def test_a_colour_photo_is_converted_and_resized(model_path, tmp_path, digits_sp
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)["probabilities"]
     # The model's input, as its card says: greyscale 8x8, stretched.
-    want = reference_answer(reference_session, photo.read_bytes(), ImageSpec("L", (8, 8), "stretch"))
-    np.testing.assert_allclose([got[c] for c in digits_splits["classes"]], want, rtol=0, atol=1e-6)
+    want = reference_answer(reference_session, photo.read_bytes(), InputSpec("L", (8, 8), "stretch"))
+    np.testing.assert_allclose([got[c] for c in digits_splits["card"].classes], want, rtol=0, atol=1e-6)
 
 
 def text_file(path):

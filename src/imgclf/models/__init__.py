@@ -1,48 +1,54 @@
-"""Networks. Each takes raw uint8 pixels (N, C, H, W): the first layer applies the normalisation."""
+"""Networks. Each takes raw uint8 pixels (N, C, H, W): the first layer applies the normalisation.
 
+Every module of this package is imported here, so that each registers its network
+(imgclf.models.registry); `build_model` then builds the one `model.name` names.
+"""
+
+import importlib
+import pkgutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from pydantic import TypeAdapter
 from torch import nn
 
-from imgclf.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
-from imgclf.models.cnn import CNN
-from imgclf.models.mlp import MLP
+from imgclf.card import ModelCard
+from imgclf.config import ModelConfig
 from imgclf.models.normalization import Normalize
-from imgclf.models.resnet import ResNet
+from imgclf.models.registry import MODELS
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
-def build_model(
-    config: MLPConfig | CNNConfig | ResNetConfig,
-    input_shape: tuple[int, int, int],
-    n_classes: int,
-    stats: dict[str, list[float]],
-) -> nn.Sequential:
-    """`Normalize(stats)` followed by the configured network; outputs logits (N, n_classes)."""
-    if isinstance(config, MLPConfig):
-        body = MLP(input_shape, config.hidden, n_classes, config.activation, config.dropout)
-    elif isinstance(config, CNNConfig):
-        body = CNN(input_shape, config.channels, config.hidden, n_classes, config.dropout)
-    else:
-        body = ResNet(input_shape, config.depth, config.width, n_classes)
-    return nn.Sequential(Normalize(stats["mean"], stats["std"]), body)
+def build_model(config: ModelConfig, card: ModelCard) -> nn.Sequential:
+    """`Normalize` with the card's statistics, then the configured network; logits (N, classes)."""
+    body = MODELS[config.name](config, card.input.shape, len(card.classes))
+    return nn.Sequential(Normalize(card.normalization.mean, card.normalization.std), body)
 
 
-def build_from_card(card: dict) -> nn.Sequential:
-    """Rebuild a network from its card: model config, input shape, classes, normalisation."""
-    config = TypeAdapter(ModelConfig).validate_python(card["model"])
-    return build_model(config, tuple(card["input_shape"]), len(card["classes"]), card["stats"])
+class Checkpoint(NamedTuple):
+    """What the train stage's checkpoint holds: the card, the network's config, the run, the net."""
+
+    card: ModelCard
+    model: ModelConfig
+    mlflow_run_id: str | None
+    net: nn.Sequential
 
 
-def load_checkpoint(path: Path, prefix: str = "net.") -> tuple[dict, nn.Sequential]:
-    """The card and the trained network from a train-stage checkpoint (no Lightning needed)."""
+def checkpoint_record(card: ModelCard, model: ModelConfig, mlflow_run_id: str | None) -> dict:
+    """What the train stage stores under "imgclf" in its checkpoint; `load_checkpoint` reads it."""
+    return {"card": card.to_json(), "model": model.model_dump(), "mlflow_run_id": mlflow_run_id}
+
+
+def load_checkpoint(path: Path, prefix: str = "net.") -> Checkpoint:
+    """The card, config and trained network of a train-stage checkpoint; no Lightning needed."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    card = checkpoint["imgclf"]
-    net = build_from_card(card)
+    record = checkpoint["imgclf"]
+    card = ModelCard.from_json(record["card"])
+    config = TypeAdapter(ModelConfig).validate_python(record["model"])
+    net = build_model(config, card)
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(weights)
-    return card, net
-
-
-__all__ = ["CNN", "MLP", "Normalize", "ResNet", "build_from_card", "build_model", "load_checkpoint"]
+    return Checkpoint(card, config, record["mlflow_run_id"], net)

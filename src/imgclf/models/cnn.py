@@ -1,6 +1,8 @@
 from torch import nn
 
+from imgclf.config import CNNConfig
 from imgclf.errors import ConfigError
+from imgclf.models.registry import register_model
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -16,17 +18,12 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+@register_model("cnn")
 class CNN(nn.Sequential):
     """Conv blocks, one per entry of `channels`, then a hidden layer and the logits."""
 
-    def __init__(
-        self,
-        input_shape: tuple[int, int, int],
-        channels: list[int],
-        hidden: int,
-        n_classes: int,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, config: CNNConfig, input_shape: tuple[int, int, int], n_classes: int):
+        channels, hidden, dropout = config.channels, config.hidden, config.dropout
         in_channels, height, width = input_shape
         if min(height, width) >> len(channels) < 1:
             raise ConfigError(

@@ -2,24 +2,21 @@ import math
 
 from torch import nn
 
+from imgclf.config import MLPConfig
+from imgclf.models.registry import register_model
+
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
+@register_model("mlp")
 class MLP(nn.Sequential):
     """The textbook network: flattened pixels -> hidden layers (activation, dropout) -> logits."""
 
-    def __init__(
-        self,
-        input_shape: tuple[int, int, int],
-        hidden: list[int],
-        n_classes: int,
-        activation: str = "relu",
-        dropout: float = 0.0,
-    ):
+    def __init__(self, config: MLPConfig, input_shape: tuple[int, int, int], n_classes: int):
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
-        for size in hidden:
-            layers += [nn.Linear(width, size), ACTIVATIONS[activation](), nn.Dropout(dropout)]
+        for size in config.hidden:
+            layers += [nn.Linear(width, size), ACTIVATIONS[config.activation](), nn.Dropout(config.dropout)]
             width = size
         layers.append(nn.Linear(width, n_classes))
         super().__init__(*layers)

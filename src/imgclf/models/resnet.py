@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from imgclf.errors import ConfigError
+from imgclf.config import ResNetConfig
+from imgclf.models.registry import register_model
 
 
 class PadShortcut(nn.Module):
@@ -44,11 +45,11 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+@register_model("resnet")
 class ResNet(nn.Sequential):
-    def __init__(self, input_shape: tuple[int, int, int], depth: int, width: int, n_classes: int):
-        if depth < 8 or (depth - 2) % 6:
-            raise ConfigError(f"model.depth={depth}: must be 6n+2 with n >= 1 (8, 14, 20, 32, ...)")
-        blocks_per_stage = (depth - 2) // 6
+    def __init__(self, config: ResNetConfig, input_shape: tuple[int, int, int], n_classes: int):
+        width = config.width
+        blocks_per_stage = (config.depth - 2) // 6  # the schema allows only depths of 6n+2
         layers: list[nn.Module] = [
             nn.Conv2d(input_shape[0], width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),

@@ -9,6 +9,7 @@ JSON `detail` and no traceback (the traceback goes to the server's log).
 """
 
 import contextlib
+import importlib.metadata
 import logging
 import os
 import threading
@@ -24,7 +25,6 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imgclf import __version__
 from imgclf.images import BadImage, image_size
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from imgclf.serving.metrics import Metrics, MetricsMiddleware
@@ -95,7 +95,7 @@ def create_app(
     max_request_pixels = FULL_SIZE_IMAGES_PER_REQUEST * model.max_pixels
     api = FastAPI(
         title="imgclf",
-        version=__version__,
+        version=importlib.metadata.version("imgclf"),  # pyproject.toml's
         description=f"Image classifier `{model.name}` version `{model.version}`.",
         max_body_size=max_body_bytes,
         form_limits={"max_files": MAX_FILES, "max_fields": MAX_FILES},
@@ -145,7 +145,9 @@ def create_app(
             with decode_slots, _bad_image_is_400(name):
                 images.append(model.preprocess(data))
         probabilities = model.predict(np.stack(images))
-        answers = [prediction(n, p, model.classes, top_k) for n, p in zip(names, probabilities, strict=True)]
+        answers = [
+            prediction(n, p, model.card.classes, top_k) for n, p in zip(names, probabilities, strict=True)
+        ]
         for answer in answers:
             metrics.predictions.labels(answer["label"]).inc()
         return {"predictions": answers}

@@ -19,14 +19,16 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from imgclf.errors import ConfigError
-from imgclf.images import ImageSpec, decode_image
+from imgclf.card import ModelCard
+from imgclf.errors import ImgclfError
+from imgclf.images import decode_image
+from imgclf.runtime import inference_session
 from imgclf.store import repo_root, resolve_tracking_uri
 
 # 40 megapixels: a large phone photo decodes, a decompression bomb is refused from its header.
 DEFAULT_MAX_PIXELS = 40_000_000  # `imgclf serve --max-megapixels` states it in its help: keep them equal
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))")
-METADATA_KEYS = ("imgclf.classes", "imgclf.input")
+CARD_METADATA = "imgclf.card"  # written by the export stage (imgclf.export.CARD_METADATA)
 # What ONNX Runtime raises for a file it cannot load (they derive from Exception, not one base).
 LOAD_ERRORS = (
     ort_errors.Fail,
@@ -39,8 +41,10 @@ LOAD_ERRORS = (
 )
 
 
-class ModelError(ConfigError):
+class ModelError(ImgclfError):
     """MODEL is not a usable imgclf model: missing, not ONNX, or without the export's metadata."""
+
+    exit_code = 2  # MODEL is a command-line argument: a usage error
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,7 @@ class ServedModel:
     version: str  # the registry version, or "sha256:<first 12 hex digits>" of the file
     source: str  # MODEL as given
     sha256: str
-    classes: tuple[str, ...]
-    spec: ImageSpec
-    input: dict  # the export's input spec: name, dtype, shape, mode, resize, layout
-    normalization: dict
+    card: ModelCard
     lineage: dict
     registry: dict | None
     max_pixels: int
@@ -71,7 +72,7 @@ class ServedModel:
 
     def preprocess(self, data: bytes | str | os.PathLike) -> np.ndarray:
         """An image file (bytes or path) -> uint8 (C, H, W) for this model; BadImage if it cannot be."""
-        return decode_image(data, self.spec, self.max_pixels)
+        return decode_image(data, self.card.input, self.max_pixels)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, C, H, W) -> float32 probabilities (N, classes)."""
@@ -84,9 +85,9 @@ class ServedModel:
             "version": self.version,
             "source": self.source,
             "sha256": self.sha256,
-            "classes": list(self.classes),
-            "input": self.input,
-            "normalization": self.normalization,
+            "classes": list(self.card.classes),
+            "input": {"name": self.input_name, **self.card.input.to_json()},
+            "normalization": self.card.normalization.to_json(),
             "lineage": self.lineage,
             "registry": self.registry,
         }
@@ -108,21 +109,16 @@ def from_file(
         raise ModelError(f"model {source!r}: cannot read it: {error.strerror or error}") from None
     session = _session(str(path), source, threads)
     metadata = session.get_modelmeta().custom_metadata_map
-    missing = [key for key in METADATA_KEYS if key not in metadata]
-    if missing:
+    if CARD_METADATA not in metadata:
         raise ModelError(
-            f"model {source!r}: not an imgclf model, its ONNX metadata lacks {', '.join(missing)} "
+            f"model {source!r}: not an imgclf model, its ONNX metadata lacks {CARD_METADATA} "
             "(export it with the pipeline's export stage)"
         )
     try:
-        classes = json.loads(metadata["imgclf.classes"])
-        input_spec = json.loads(metadata["imgclf.input"])
-        normalization = json.loads(metadata.get("imgclf.normalization", "{}"))
-        spec = ImageSpec.from_input_metadata(input_spec)
+        card = ModelCard.from_json(json.loads(metadata[CARD_METADATA]))
     except (ValueError, KeyError, TypeError) as error:
-        raise ModelError(f"model {source!r}: bad imgclf metadata: {error}") from None
-    input_spec = {**input_spec, "resize": spec.resize}
-    input_name, output_name = _check_signature(session, source, spec, len(classes))
+        raise ModelError(f"model {source!r}: bad {CARD_METADATA} metadata: {error!r}") from None
+    input_name, output_name = _check_signature(session, source, card)
     sha256 = hashlib.sha256(model_bytes).hexdigest()
     sidecar = sidecar or {}
     name = sidecar.get("name") or (registry or {}).get("name") or default_name
@@ -132,10 +128,7 @@ def from_file(
         version=str(registry["version"]) if registry else f"sha256:{sha256[:12]}",
         source=source,
         sha256=sha256,
-        classes=tuple(str(c) for c in classes),
-        spec=spec,
-        input=input_spec,
-        normalization=normalization,
+        card=card,
         lineage=dict(sidecar.get("lineage") or {}),
         registry=registry,
         max_pixels=max_pixels,
@@ -145,23 +138,18 @@ def from_file(
 
 
 def _session(path: str, source: str, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # Idle intra-op threads would otherwise spin and take CPU from the server's event loop.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return inference_session(path, threads, spin=False)
     except LOAD_ERRORS as error:
         reason = " ".join(str(error).split())
         raise ModelError(f"model {source!r}: not an ONNX model ONNX Runtime can load: {reason}") from None
 
 
-def _check_signature(session, source: str, spec: ImageSpec, n_classes: int) -> tuple[str, str]:
-    """One uint8 (N, C, H, W) input matching the spec, float probabilities (N, classes) out."""
+def _check_signature(session, source: str, card: ModelCard) -> tuple[str, str]:
+    """One uint8 (N, C, H, W) input matching the card, float probabilities (N, classes) out."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    expected = ["batch", *spec.shape]
+    n_classes = len(card.classes)
+    expected = ["batch", *card.input.shape]
     if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or list(inputs[0].shape)[1:] != expected[1:]:
         got = [(i.name, i.type, i.shape) for i in inputs]
         raise ModelError(f"model {source!r}: expected one uint8 input of shape {expected}, got {got}")

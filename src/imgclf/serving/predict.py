@@ -83,7 +83,7 @@ def _classify(model: ServedModel, pending: list, top_k: int | None) -> Iterator[
         if isinstance(item, str):
             yield {"file": name, "error": item}
         else:
-            yield prediction(name, next(probabilities), model.classes, top_k)
+            yield prediction(name, next(probabilities), model.card.classes, top_k)
 
 
 def run(model_uri: str, files: list[str], as_json: bool, top_k: int | None, threads: int) -> None:
