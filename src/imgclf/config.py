@@ -2,17 +2,21 @@
 
 Stages read params.yaml only (one truth at run time) and validate it here before any work,
 so a bad key or value stops a stage with exit code 2 and a line that names the key.
+
+Default values live in conf/ alone: the schema says what is allowed, never what is chosen, so
+a test that builds a config composes conf/ (`compose`) and gets what a user gets.
 """
 
 import json
 import os
 import types
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgclf.errors import ConfigError
 from imgclf.fileio import write_text
@@ -35,34 +39,61 @@ class DataConfig(Section):
     """What every data set has; `data.name` picks the source and its own keys."""
 
     name: str
-    mirrors: list[str] = []
-    cache_dir: str = "~/.cache/imgclf"  # verified downloads, shared by every checkout
-    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
-    test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
-    min_class_count: PositiveInt = 1  # fewer images in any class of any split fails normalize
+    mirrors: list[str]
+    cache_dir: str  # verified downloads, shared by every checkout
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)]
+    test_fraction: Annotated[float, Field(gt=0, lt=0.5)]
+    min_class_count: PositiveInt  # fewer images in any class of any split fails normalize
 
 
 class PublishedData(DataConfig):
-    """A published data set with fixed files and checksums."""
+    """A published data set with fixed files and checksums (imgclf.data.sources registers each)."""
 
     name: Literal["digits", "mnist", "fashion_mnist", "cifar10"]
+
+
+URL_SCHEMES = ("http", "https", "file")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
 class ImageFolderData(DataConfig):
     """The user's own images: class-named subfolders in a local folder or an archive at a URL."""
 
     name: Literal["imagefolder"]
-    path: str | None = None
-    url: str | None = None
+    path: str | None
+    url: str | None
     # of the archive at `url`: verified, then cached; None trusts the download as is, uncached
-    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None
-    image_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] = [64, 64]  # H, W
-    mode: Literal["L", "RGB"] = "RGB"
-    resize: Literal["stretch", "crop"] = "crop"  # crop: shorter side to size, then centre crop
-    on_bad_image: Literal["skip", "fail"] = "skip"
-    max_image_pixels: PositiveInt = 89_478_485  # larger images are decompression bombs
-    max_archive_bytes: PositiveInt = 20 * 2**30  # total uncompressed size an archive may expand to
-    workers: Annotated[int, Field(ge=0)] = 0  # decode processes; 0: one per CPU core
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None
+    image_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]  # H, W
+    mode: Literal["L", "RGB"]
+    resize: Literal["stretch", "crop"]  # crop: shorter side to size, then centre crop
+    on_bad_image: Literal["skip", "fail"]
+    max_image_pixels: PositiveInt  # larger images are decompression bombs
+    max_archive_bytes: PositiveInt  # total uncompressed size an archive may expand to
+    workers: Annotated[int, Field(ge=0)]  # decode processes; 0: one per CPU core
+
+    @field_validator("url")
+    @classmethod
+    def url_names_an_archive(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        scheme = urllib.parse.urlparse(url).scheme
+        if scheme not in URL_SCHEMES:
+            allowed = ", ".join(f"{name}://" for name in URL_SCHEMES)
+            raise ValueError(f"scheme {scheme!r} is not supported; use {allowed}")
+        if not urllib.parse.urlparse(url).path.lower().endswith(ARCHIVE_SUFFIXES):
+            raise ValueError(f"must end with the archive's file name: {', '.join(ARCHIVE_SUFFIXES)}")
+        return url
+
+    @model_validator(mode="after")
+    def path_or_url(self) -> "ImageFolderData":
+        if (self.path is None) == (self.url is None):
+            given = "both are set" if self.path is not None else "neither is set"
+            raise ValueError(
+                f"data.path and data.url: set exactly one ({given}): a local folder with one "
+                "subfolder per class, or the http(s):// or file:// URL of a .zip or .tar archive of one"
+            )
+        return self
 
 
 DataChoice = Annotated[PublishedData | ImageFolderData, Field(discriminator="name")]
@@ -71,23 +102,23 @@ DataChoice = Annotated[PublishedData | ImageFolderData, Field(discriminator="nam
 class MLPConfig(Section):
     name: Literal["mlp"]
     hidden: list[PositiveInt]
-    activation: Literal["relu", "sigmoid", "tanh"] = "relu"
-    dropout: Fraction = 0.0
+    activation: Literal["relu", "sigmoid", "tanh"]
+    dropout: Fraction
 
 
 class CNNConfig(Section):
     name: Literal["cnn"]
     channels: Annotated[list[PositiveInt], Field(min_length=1)]
-    hidden: PositiveInt = 128
-    dropout: Fraction = 0.0
+    hidden: PositiveInt
+    dropout: Fraction
 
 
 class ResNetConfig(Section):
     """A CIFAR-style ResNet (He et al. 2016, section 4.2): depth 6n+2, three stages of n blocks."""
 
     name: Literal["resnet"]
-    depth: PositiveInt = 20
-    width: PositiveInt = 16  # channels of the first stage; the others have 2x and 4x
+    depth: PositiveInt
+    width: PositiveInt  # channels of the first stage; the others have 2x and 4x
 
     @field_validator("depth")
     @classmethod
@@ -101,46 +132,46 @@ ModelConfig = Annotated[MLPConfig | CNNConfig | ResNetConfig, Field(discriminato
 
 
 class TrainerConfig(Section):
-    name: Literal["cpu", "auto", "ddp"]
+    name: Annotated[str, Field(min_length=1)]  # the conf/trainer/ file it came from
     accelerator: Literal["cpu", "gpu", "mps", "auto"]
     devices: PositiveInt | Literal["auto"]
-    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
-    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
-    deterministic: bool = True
+    strategy: Literal["auto", "ddp", "ddp_spawn"]
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"]
+    deterministic: bool
 
 
 class AugmentConfig(Section):
     """Seeded random changes to each training batch, on the device; validation and test see none."""
 
-    crop_padding: Annotated[int, Field(ge=0)] = 0  # pad with this many zero pixels, crop back at random
-    hflip: bool = False  # mirror half the images left-right: not for digits, whose mirror images differ
+    crop_padding: Annotated[int, Field(ge=0)]  # pad with this many zero pixels, crop back at random
+    hflip: bool  # mirror half the images left-right: not for digits, whose mirror images differ
 
 
 class TrainConfig(Section):
     max_epochs: PositiveInt
     batch_size: PositiveInt
     lr: PositiveFloat
-    optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: Fraction = 0.9
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    scheduler: Literal["cosine", "step", "none"] = "cosine"
-    early_stopping_patience: PositiveInt = 10
-    augment: AugmentConfig = AugmentConfig()
+    optimizer: Literal["adam", "sgd"]
+    momentum: Fraction
+    weight_decay: Annotated[float, Field(ge=0)]
+    scheduler: Literal["cosine", "step", "none"]
+    early_stopping_patience: PositiveInt
+    augment: AugmentConfig
 
 
 class EvaluateConfig(Section):
-    latency_runs: PositiveInt = 300
-    throughput_batch: PositiveInt = 256
+    latency_runs: PositiveInt
+    throughput_batch: PositiveInt
 
 
 class TrackingConfig(Section):
-    uri: str | None = None
-    experiment: Annotated[str, Field(min_length=1)] = "imgclf"
-    flush_seconds: Annotated[float, Field(ge=0)] = 15.0  # per-epoch metrics reach MLflow this often
+    uri: str | None
+    experiment: Annotated[str, Field(min_length=1)]
+    flush_seconds: Annotated[float, Field(ge=0)]  # per-epoch metrics reach MLflow this often
 
 
 class RegistryConfig(Section):
-    model_name: Annotated[str, Field(min_length=1)] = "imgclf"
+    model_name: Annotated[str, Field(min_length=1)]
 
 
 class Config(Section):
@@ -149,9 +180,9 @@ class Config(Section):
     model: ModelConfig
     trainer: TrainerConfig
     train: TrainConfig
-    evaluate: EvaluateConfig = EvaluateConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    registry: RegistryConfig = RegistryConfig()
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+    registry: RegistryConfig
 
 
 def validate(raw: Any) -> Config:
@@ -286,7 +317,10 @@ def _describe(error: ValidationError) -> str:
         return f"{key}.name={first['ctx']['tag']!r}: unknown choice; allowed: {expected}{more}"
     if first["type"] == "missing":
         return f"missing key '{key}'{more}"
-    return f"{key}={first.get('input')!r}: {first['msg']}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error" and isinstance(first.get("input"), dict):
+        return f"{message}{more}"  # a check across keys (a model validator) names them itself
+    return f"{key}={first.get('input')!r}: {message}{more}"
 
 
 def _is_section(node: Any) -> bool:

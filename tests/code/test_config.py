@@ -18,14 +18,39 @@ def test_defaults_compose_and_validate():
     assert config.trainer.name == "cpu"
 
 
+def choices(group: str) -> list[str]:
+    """The options of a config group: the files in conf/<group>/."""
+    return sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml"))
+
+
+# imagefolder needs a folder or an archive to be valid at all
+DATA_KEYS = {"imagefolder": ["data.path=/photos"]}
+
+
 @pytest.mark.parametrize(
     ("data", "model", "trainer"),
-    list(itertools.product(["digits"], ["mlp", "cnn", "resnet"], ["cpu", "auto", "ddp"])),
+    list(itertools.product(choices("data"), choices("model"), choices("trainer"))),
 )
 def test_every_group_choice_validates(data, model, trainer):
-    overrides = [f"data={data}", f"model={model}", f"trainer={trainer}"]
+    overrides = [f"data={data}", *DATA_KEYS.get(data, []), f"model={model}", f"trainer={trainer}"]
     config = validate(compose(overrides, REPO / "conf"))
     assert (config.data.name, config.model.name, config.trainer.name) == (data, model, trainer)
+
+
+@pytest.mark.parametrize("group", ["data", "model", "trainer"])
+def test_every_choice_names_itself(group):
+    for choice in choices(group):
+        raw = compose([f"{group}={choice}", *DATA_KEYS.get(choice, [])], REPO / "conf")
+        assert raw[group]["name"] == choice
+
+
+def test_trainer_files_state_only_what_differs_from_cpu():
+    cpu = compose(["trainer=cpu"], REPO / "conf")["trainer"]
+    for choice in [c for c in choices("trainer") if c != "cpu"]:
+        text = yaml.safe_load((REPO / "conf" / "trainer" / f"{choice}.yaml").read_text())
+        own = {k: v for k, v in text.items() if k != "defaults"}
+        assert all(cpu.get(key) != value for key, value in own.items() if key != "name"), choice
+        assert compose([f"trainer={choice}"], REPO / "conf")["trainer"] == cpu | own
 
 
 def test_flatten_expands_lists_and_keeps_every_key():
@@ -104,7 +129,7 @@ def test_bad_override_exits_2_and_leaves_params_yaml_alone(workspace):
     assert sorted(p.name for p in workspace.iterdir()) == ["conf", "params.yaml"]
 
 
-@pytest.mark.parametrize("data", ["mnist", "fashion_mnist", "cifar10"])
+@pytest.mark.parametrize("data", [d for d in choices("data") if d not in ("digits", "imagefolder")])
 def test_published_data_sets_have_mirrors_and_a_source(data):
     from imgclf.data.sources import get_source
 
@@ -115,15 +140,17 @@ def test_published_data_sets_have_mirrors_and_a_source(data):
 
 # --- recipes: conf/experiment/ ------------------------------------------------------------------
 
-RECIPES = {
-    "mnist_cnn": ("mnist", "cnn"),
-    "fashion_mnist_cnn": ("fashion_mnist", "cnn"),
-    "cifar10_resnet": ("cifar10", "resnet"),
-}
+
+def recipe_choices(recipe: str) -> tuple[str, str]:
+    """The data set and model a recipe picks, as its own defaults list states them."""
+    text = yaml.safe_load((REPO / "conf" / "experiment" / f"{recipe}.yaml").read_text())
+    picks = {
+        key.removeprefix("override /"): value for entry in text["defaults"] for key, value in entry.items()
+    }
+    return picks["data"], picks["model"]
 
 
-def test_every_recipe_is_tested():
-    assert sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")) == sorted(RECIPES)
+RECIPES = {recipe: recipe_choices(recipe) for recipe in choices("experiment")}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
