@@ -1,16 +1,16 @@
 """DVC stage `download`: materialise data.name into data/raw/<name>/ with a SHA-256 manifest."""
 
-from pathlib import Path
-
 from imgclf.config import load_params
 from imgclf.data.download import download
 from imgclf.errors import run_or_exit
+from imgclf.stage import stage_paths
 
 
 def main() -> None:
-    config = load_params()
-    target = download(config.data, Path("data/raw"))
-    print(f"download: {config.data.name} -> {target}")
+    paths = stage_paths(__doc__, "params", "raw")
+    config = load_params(paths.params)
+    download(config.data, paths.raw)
+    print(f"download: {config.data.name} -> {paths.raw}")
 
 
 if __name__ == "__main__":

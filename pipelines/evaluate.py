@@ -1,21 +1,21 @@
 """DVC stage `evaluate`: ONNX Runtime on the test split -> metrics/eval.json and the confusion matrix."""
 
-from pathlib import Path
-
 from imgclf.config import load_params
 from imgclf.errors import run_or_exit
 from imgclf.evaluation import evaluate
+from imgclf.stage import stage_paths
 
 
 def main() -> None:
-    config = load_params()
+    paths = stage_paths(__doc__, "params", "onnx", "sidecar", "data", "metrics", "plots")
+    config = load_params(paths.params)
     metrics = evaluate(
         config,
-        model_path=Path("models/model.onnx"),
-        sidecar_path=Path("models/model.json"),
-        data_dir=Path("data/normalized"),
-        metrics_out=Path("metrics/eval.json"),
-        plots_dir=Path("plots"),
+        model_path=paths.onnx,
+        sidecar_path=paths.sidecar,
+        data_dir=paths.data,
+        metrics_out=paths.metrics,
+        plots_dir=paths.plots,
     )
     print(
         f"evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} "

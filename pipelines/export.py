@@ -1,25 +1,26 @@
 """DVC stage `export`: models/model.ckpt -> models/model.onnx (parity-gated) and models/model.json."""
 
-from pathlib import Path
-
 from imgclf.config import load_params
 from imgclf.errors import run_or_exit
+from imgclf.stage import stage_paths
 
 
 def main() -> None:
-    config = load_params()
+    paths = stage_paths(__doc__, "params", "checkpoint", "data", "raw", "onnx", "sidecar")
+    config = load_params(paths.params)
     from imgclf.export import export
 
     sidecar = export(
         config,
-        checkpoint=Path("models/model.ckpt"),
-        data_dir=Path("data/normalized"),
-        onnx_out=Path("models/model.onnx"),
-        sidecar_out=Path("models/model.json"),
+        checkpoint=paths.checkpoint,
+        data_dir=paths.data,
+        raw_dir=paths.raw,
+        onnx_out=paths.onnx,
+        sidecar_out=paths.sidecar,
     )
     parity = sidecar["export"]
     print(
-        f"export: models/model.onnx, parity max |Δp| {parity['parity_max_abs_diff']:.1e} "
+        f"export: {paths.onnx}, parity max |Δp| {parity['parity_max_abs_diff']:.1e} "
         f"on {parity['parity_n']} test images"
     )
 

@@ -1,23 +1,24 @@
 """DVC stage `train`: fit the configured model; write models/model.ckpt and metrics/train.json."""
 
-from pathlib import Path
-
 from imgclf.config import load_params
 from imgclf.errors import run_or_exit
+from imgclf.stage import stage_paths
 
 
 def main() -> None:
-    config = load_params()  # validated before torch is imported: a bad value fails in a second
+    paths = stage_paths(__doc__, "params", "data", "raw", "checkpoint", "metrics", "curves", "curves_png")
+    config = load_params(paths.params)  # validated before torch is imported: a bad value fails in a second
     from imgclf.training import train
 
     metrics = train(
         config,
-        data_dir=Path("data/normalized"),
-        raw_dir=Path("data/raw") / config.data.name,
-        checkpoint_out=Path("models/model.ckpt"),
-        metrics_out=Path("metrics/train.json"),
-        curves_out=Path("plots/train_curves.csv"),
-        curves_png=Path("plots/train_curves.png"),
+        data_dir=paths.data,
+        raw_dir=paths.raw,
+        params_file=paths.params,
+        checkpoint_out=paths.checkpoint,
+        metrics_out=paths.metrics,
+        curves_out=paths.curves,
+        curves_png=paths.curves_png,
     )
     if metrics:
         print(f"train: val_acc {metrics['val_acc']:.4f} after {metrics['epochs']} epochs")

@@ -10,9 +10,11 @@ from tests.conftest import REPO, tool_env
 
 SCRIPT = """
 import sys
+from pathlib import Path
 import lightning as L
-from imgclf.config import MLPConfig, TrainConfig
+from imgclf.config import compose, validate
 from imgclf.data.datamodule import ImageDataModule
+from imgclf.data.normalized import load_card
 from imgclf.models import build_model
 from imgclf.training import ImageClassifier
 
@@ -30,9 +32,10 @@ class Recording(ImageClassifier):
 
 
 if __name__ == "__main__":
-    datamodule = ImageDataModule(sys.argv[1], batch_size=64, seed=0)
-    net = build_model(MLPConfig(name="mlp", hidden=[16]), (1, 8, 8), 10, {"mean": [78.0], "std": [95.0]})
-    module = Recording(net, TrainConfig(max_epochs=1, batch_size=64, lr=1e-3))
+    config = validate(compose(["model.hidden=[16]", "train.batch_size=64"], sys.argv[2]))
+    datamodule = ImageDataModule(sys.argv[1], batch_size=64, seed=0, augment=config.train.augment)
+    net = build_model(config.model, load_card(Path(sys.argv[1])))
+    module = Recording(net, config.train)
     L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -42,13 +45,13 @@ if __name__ == "__main__":
 
 @pytest.mark.e2e
 def test_two_cpu_processes_each_train_on_half_the_epoch(digits_dirs, tmp_path):
-    from imgclf.data.normalize import load_split
+    from imgclf.data.normalized import load_split
 
     _, normalized = digits_dirs
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT)
     done = subprocess.run(
-        [sys.executable, str(script), str(normalized)],
+        [sys.executable, str(script), str(normalized), str(REPO / "conf")],
         cwd=tmp_path,
         env=tool_env(REPO),
         capture_output=True,

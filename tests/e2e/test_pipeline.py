@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from imgclf.evaluation import inference_session
 from imgclf.export import Probabilities
 from imgclf.models import load_checkpoint
+from imgclf.runtime import inference_session
 from tests.conftest import copy_repo, run
 
 pytestmark = pytest.mark.e2e
@@ -95,7 +95,7 @@ def test_mlflow_run_has_params_epoch_metrics_tags_and_model(repo, mlflow_run, mo
 
 @pytest.mark.parametrize("batch", [1, 17])
 def test_onnx_matches_the_checkpoint(repo, batch):
-    _, net = load_checkpoint(repo / "models/model.ckpt")
+    net = load_checkpoint(repo / "models/model.ckpt").net
     images = np.load(repo / "data/normalized/test/images.npy")[:batch]
     with torch.inference_mode():
         expected = Probabilities(net).eval()(torch.from_numpy(images)).numpy()
@@ -112,13 +112,19 @@ def test_repro_writes_nothing_undeclared_and_a_second_repro_runs_nothing(repo):
     assert stages_run(run(["dvc", "repro"], repo).stdout) == []
 
 
+def stage_command(repo, stage: str) -> list[str]:
+    """A stage's `cmd:` from dvc.yaml, as DVC runs it for the default data set."""
+    cmd = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    return cmd.replace("${data.name}", "digits").split()
+
+
 def test_bad_value_in_params_stops_a_stage_before_any_work(repo):
     params = repo / "params.yaml"
     good = params.read_text()
     before = {p: sha256(p) for p in (repo / "models").iterdir()}
     params.write_text(good.replace("batch_size: 64", "batch_size: lots"))
     try:
-        done = run(["python", "pipelines/train.py"], repo, check=False)
+        done = run(stage_command(repo, "train"), repo, check=False)
     finally:
         params.write_text(good)
     assert done.returncode == 2
@@ -154,3 +160,21 @@ def test_dvc_exp_run_composes_overrides(repo):
     sidecar = json.loads((repo / "models/model.json").read_text())
     assert sidecar["model"]["name"] == "cnn"
     assert sidecar["lineage"]["dvc.exp_name"]
+
+
+@pytest.mark.parametrize(
+    ("path", "reruns"),
+    [
+        ("src/imgclf/data/normalize.py", ["normalize"]),  # same splits out: no retraining
+        ("src/imgclf/evaluation.py", ["evaluate"]),  # the latency measurement: no re-export
+    ],
+)
+def test_editing_one_stages_code_reruns_that_stage_only(repo, path, reruns):
+    file = repo / path
+    original = file.read_text()
+    file.write_text(original + "\n# an edit that changes no behaviour\n")
+    try:
+        assert stages_run(run(["dvc", "repro"], repo).stdout) == reruns
+    finally:
+        file.write_text(original)
+    run(["dvc", "repro"], repo)
