@@ -43,17 +43,26 @@ def repo_files(root: Path = ROOT) -> list[str]:
     ]
 
 
+def copy_repo(dest: Path, root: Path = ROOT) -> Path:
+    """The work tree's files (`repo_files`) copied into `dest`, committed in a fresh git repo.
+
+    What a clean clone of this work tree would hold, uncommitted changes included; the tests'
+    end-to-end runs use it too.
+    """
+    for name in repo_files(root):
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, target)
+    git_commit(dest, "copy of imgclf")
+    return dest
+
+
 @contextlib.contextmanager
 def repo_copy(keep: bool = False) -> Iterator[Path]:
-    """A temporary copy of the work tree, committed in a fresh git repo; removed afterwards."""
+    """A temporary `copy_repo`, removed afterwards unless `keep`."""
     folder = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
     try:
-        for name in repo_files():
-            target = folder / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, target)
-        git_commit(folder, "benchmark copy")
-        yield folder
+        yield copy_repo(folder)
     finally:
         if keep:
             print(f"kept the copy at {folder}")

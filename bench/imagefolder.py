@@ -25,7 +25,7 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
-from common import BenchError, main_guard, row, write_result
+from common import ROOT, BenchError, main_guard, row, write_result
 
 RSS_TARGET_MB = 2048
 SAMPLE_SECONDS = 0.05
@@ -61,9 +61,9 @@ def generate(raw: Path, images: int, classes: int, size: int, fmt: str, workers:
 
 def child(data: Path, size: int, workers: int) -> None:
     """Run normalize as the stage does; print timings and exact peak RSS as one JSON line."""
-    from imgclf.config import ImageFolderData
-    from imgclf.data import imagefolder
+    from imgclf.config import compose, validate
     from imgclf.data.normalize import normalize
+    from imgclf.data.sources import imagefolder
 
     timings = {}
     decode_folder = imagefolder.decode_folder
@@ -75,7 +75,8 @@ def child(data: Path, size: int, workers: int) -> None:
         return result
 
     imagefolder.decode_folder = timed_decode  # normalize looks it up at call time
-    config = ImageFolderData(name="imagefolder", path="generated", image_size=[size, size], workers=workers)
+    overrides = ["data=imagefolder", "data.path=generated", f"data.image_size=[{size},{size}]"]
+    config = validate(compose([*overrides, f"data.workers={workers}"], ROOT / "conf")).data
     started = time.perf_counter()
     report = normalize(config, 0, data / "raw" / "imagefolder", data / "normalized")
     timings["normalize_s"] = time.perf_counter() - started

@@ -28,15 +28,15 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import yaml
 from common import ROOT, main_guard, row, write_result
 from torch import nn
 from torch.nn import functional as F
 
 from imgclf import tracking
-from imgclf.config import CNNConfig, Config, MLPConfig, TrainConfig, compose
+from imgclf.card import InputSpec, ModelCard, Normalization
+from imgclf.config import Config, compose, validate
 from imgclf.data.datamodule import TensorBatches
-from imgclf.data.normalize import channel_stats
+from imgclf.data.normalize import ChannelStats
 from imgclf.models import build_model
 from imgclf.training import EpochCurves, ImageClassifier, MlflowEpochMetrics
 
@@ -70,10 +70,16 @@ def dataset(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def network(model: str, images: torch.Tensor) -> nn.Module:
-    raw = yaml.safe_load((ROOT / "conf" / "model" / f"{model}.yaml").read_text(encoding="utf-8"))
-    config = (MLPConfig if model == "mlp" else CNNConfig).model_validate(raw)
+    config = validate(compose([f"model={model}"], ROOT / "conf")).model
+    stats = ChannelStats()
+    stats.update(images.numpy())
+    card = ModelCard(
+        tuple(str(c) for c in range(10)),
+        InputSpec.for_shape(tuple(images.shape[1:]), "stretch"),
+        Normalization(**stats.result()),
+    )
     torch.manual_seed(SEED)
-    return build_model(config, tuple(images.shape[1:]), 10, channel_stats(images.numpy()))
+    return build_model(config, card)
 
 
 def train_plain(net: nn.Module, batches: TensorBatches, epochs: int) -> float:
@@ -97,9 +103,9 @@ def train_plain(net: nn.Module, batches: TensorBatches, epochs: int) -> float:
 
 def train_lightning(net: nn.Module, batches: TensorBatches, epochs: int, callbacks=()) -> float:
     """Fit as the train stage does, minus validation (the plain loop has none either)."""
-    config = TrainConfig(
-        max_epochs=epochs, batch_size=batches.batch_size, lr=LR, weight_decay=0.0, scheduler="none"
-    )
+    overrides = [f"train.max_epochs={epochs}", f"train.batch_size={batches.batch_size}", f"train.lr={LR}"]
+    overrides += ["train.weight_decay=0.0", "train.scheduler=none"]
+    config = validate(compose(overrides, ROOT / "conf")).train
     module = ImageClassifier(net, config)
     trainer = L.Trainer(
         accelerator="cpu",

@@ -48,12 +48,12 @@ def throughput(predict: Callable, batch: np.ndarray, seconds: float) -> float:
 def engines(checkpoint: Path, onnx_path: Path) -> tuple[dict[str, Callable], dict]:
     import torch
 
-    from imgclf.evaluation import inference_session
     from imgclf.export import Probabilities
     from imgclf.models import load_checkpoint
+    from imgclf.runtime import inference_session
 
-    card, net = load_checkpoint(checkpoint)
-    model = Probabilities(net).eval()
+    trained = load_checkpoint(checkpoint)
+    model = Probabilities(trained.net).eval()
     session = inference_session(onnx_path)
     input_name = session.get_inputs()[0].name
 
@@ -68,19 +68,19 @@ def engines(checkpoint: Path, onnx_path: Path) -> tuple[dict[str, Callable], dic
         "torch_threads": torch.get_num_threads(),
         "ort_intra_op_threads": session.get_session_options().intra_op_num_threads,
     }
-    return {"onnxruntime": run_ort, "torch": run_torch}, {"card": card, **threads}
+    return {"onnxruntime": run_ort, "torch": run_torch}, {"trained": trained, **threads}
 
 
 def measure(checkpoint: Path, onnx_path: Path, args: argparse.Namespace) -> tuple[list[dict], dict]:
     predictors, info = engines(checkpoint, onnx_path)
-    card = info.pop("card")
-    model = card["model"]["name"]
+    trained = info.pop("trained")
+    model, input_shape = trained.model.name, list(trained.card.input.shape)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(args.batch, *card["input_shape"]), dtype=np.uint8)
+    images = rng.integers(0, 256, size=(args.batch, *input_shape), dtype=np.uint8)
     outputs = {name: predict(images) for name, predict in predictors.items()}
     max_diff = float(np.abs(outputs["onnxruntime"] - outputs["torch"]).max())
     print(
-        f"input {card['input_shape']} uint8, model {model}; "
+        f"input {input_shape} uint8, model {model}; "
         f"torch threads {info['torch_threads']} (torch default), "
         f"ORT intra-op threads {info['ort_intra_op_threads']} (0 = ORT default); "
         f"max |dp| ORT vs torch {max_diff:.1e}",
@@ -116,8 +116,8 @@ def measure(checkpoint: Path, onnx_path: Path, args: argparse.Namespace) -> tupl
         ),
     ]
     details = {
-        "model": card["model"],
-        "input_shape": card["input_shape"],
+        "model": trained.model.model_dump(),
+        "input_shape": input_shape,
         **info,
         "max_abs_diff_probabilities": max_diff,
         "latency_ms_per_round": latency,

@@ -47,7 +47,7 @@ def image_png(model: Path, folder: Path) -> Path:
 
     from imgclf.serving.model import ServedModel
 
-    spec = ServedModel.load(str(model)).spec
+    spec = ServedModel.load(str(model)).card.input
     height, width = spec.size
     pixels = np.random.default_rng(0).integers(0, 256, (height, width, spec.channels), dtype=np.uint8)
     test_images = model.parent.parent / "data" / "normalized" / "test" / "images.npy"
