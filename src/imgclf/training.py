@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from imgclf import tracking
 from imgclf.config import Config, TrainConfig
 from imgclf.data.datamodule import ImageDataModule
-from imgclf.data.normalized import load_card
+from imgclf.data.normalized import REPORT, load_card
 from imgclf.fileio import atomic_path, write_json
 from imgclf.models import build_model, checkpoint_record
 
@@ -266,7 +266,7 @@ def pipeline_run(config: Config, data_dir: Path, raw_dir: Path) -> Iterator[str]
         yield inherited
         return
     run_id = tracking.start_run(config, tracking.lineage(config, data_dir, raw_dir))
-    tracking.log_data_report(config, run_id, data_dir / "report.json")
+    tracking.log_data_report(config, run_id, data_dir / REPORT)
     os.environ[RUN_ID_ENV] = run_id
     try:
         yield run_id

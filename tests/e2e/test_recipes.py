@@ -40,8 +40,13 @@ def generated_files(data: str) -> dict[str, bytes]:
 def test_recipe_trains_and_exports_on_generated_data(recipe, tmp_path, monkeypatch):
     """The stages' own entry points, with the recipe's model, data format and augmentation;
     one epoch on a few hundred generated images."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # the run's store: tmp_path/mlflow.db
+    import mlflow.tracking._tracking_service.utils as mlflow_uri
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # export points MLflow's fluent API at the store for the whole process (a stage is a process
+    # of its own): put it back, or later tests' registry lookups would go to this store.
+    monkeypatch.setattr(mlflow_uri, "_tracking_uri", None)
     data = RECIPES[recipe][0]
     mirror = tmp_path / "mirror"
     mirror.mkdir()
