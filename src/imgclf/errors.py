@@ -1,5 +1,6 @@
 """Errors a user can cause, and the one place that turns them into a line and an exit code."""
 
+import signal
 import sys
 from collections.abc import Callable
 
@@ -17,7 +18,12 @@ class ConfigError(ImgclfError):
 
 
 def run_or_exit(main: Callable[[], object]) -> None:
-    """Run a command's body; report an ImgclfError in one line and exit with its code."""
+    """Run a command's body; report an ImgclfError in one line and exit with its code.
+
+    SIGTERM (`dvc queue kill`, a CI timeout) stops the body as Ctrl-C does, so that cleanup runs:
+    temporary files go, and an MLflow run ends as KILLED instead of staying RUNNING.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except ImgclfError as error:
@@ -26,3 +32,7 @@ def run_or_exit(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -16,27 +16,41 @@ from imgclf.data.normalized import load_card, load_split
 from imgclf.fileio import atomic_path, read_json, write_json
 from imgclf.runtime import inference_session, predict_probabilities
 
+PER_CLASS = "per_class.csv"  # in the plots folder
 
-def quality(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
+
+def quality(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> tuple[dict, list[dict]]:
+    """The headline numbers (metrics/eval.json) and one row per class (plots/per_class.csv)."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
     indices = list(range(len(classes)))
-    precision, recall, _, support = precision_recall_fscore_support(
+    precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=indices, zero_division=0
     )
-    return {
+    headline = {
         "accuracy": round(float(accuracy_score(labels, predicted)), 6),
         "macro_f1": round(float(f1_score(labels, predicted, labels=indices, average="macro")), 6),
         "n_test": len(labels),
-        "per_class": {
-            name: {
-                "precision": round(float(precision[i]), 6),
-                "recall": round(float(recall[i]), 6),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(classes)
-        },
     }
+    per_class = [
+        {
+            "class": name,
+            "precision": round(float(precision[i]), 6),
+            "recall": round(float(recall[i]), 6),
+            "f1": round(float(f1[i]), 6),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(classes)
+    ]
+    return headline, per_class
+
+
+def write_per_class(rows: list[dict], csv_path: Path) -> None:
+    """Precision, recall, F1 and support per class, for `dvc plots` and the MLflow run."""
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def speed(session, images: np.ndarray, latency_runs: int, throughput_batch: int) -> dict:
@@ -99,26 +113,38 @@ def evaluate(
     metrics_out: Path,
     plots_dir: Path,
 ) -> dict:
-    """Write metrics/eval.json and the confusion matrix; log both to the pipeline's MLflow run."""
+    """Write metrics/eval.json (headline numbers), per-class scores and the confusion matrix;
+    log them to the pipeline's MLflow run."""
+    run_id = tracking.existing_run(config, read_json(sidecar_path)["lineage"]["mlflow_run_id"])
+    if run_id is None:  # outputs restored by DVC from a store that no longer has the run
+        return _evaluate(config, model_path, data_dir, metrics_out, plots_dir, None)
+    with tracking.run_status(config, run_id, finish=True):
+        return _evaluate(config, model_path, data_dir, metrics_out, plots_dir, run_id)
+
+
+def _evaluate(config, model_path, data_dir, metrics_out: Path, plots_dir: Path, run_id: str | None) -> dict:
     classes = list(load_card(data_dir).classes)
     images, labels = load_split(data_dir, "test")
     session = inference_session(model_path)
     predicted = predict_probabilities(session, images).argmax(axis=1)
-    metrics = quality(labels, predicted, classes)
+    metrics, per_class = quality(labels, predicted, classes)
     metrics |= speed(session, images, config.evaluate.latency_runs, config.evaluate.throughput_batch)
     write_json(metrics_out, metrics)
+    per_class_csv = plots_dir / PER_CLASS
+    write_per_class(per_class, per_class_csv)
     confusion_csv, confusion_png = plots_dir / "confusion.csv", plots_dir / "confusion.png"
     write_confusion(labels, predicted, classes, confusion_csv, confusion_png)
-
-    run_id = read_json(sidecar_path)["lineage"]["mlflow_run_id"]
-    if tracking.existing_run(config, run_id):
-        flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-        flat |= {
-            f"test_{stat}_{name}": values[stat]
-            for name, values in metrics["per_class"].items()
-            for stat in ("precision", "recall")
-        }
-        tracking.log_metrics(config, run_id, flat)
-        tracking.log_artifacts(config, run_id, [metrics_out])
-        tracking.log_artifacts(config, run_id, [confusion_png], "plots")
+    if run_id is None:
+        return metrics
+    flat = {f"test_{k}": v for k, v in metrics.items()}
+    # Class names are the user's folder names; MLflow keys allow fewer characters: the index
+    # keeps two names that differ only there apart, and per_class.csv keeps the names as they are.
+    flat |= {
+        f"test_{stat}/{i}_{tracking.metric_key(row['class'])}": row[stat]
+        for i, row in enumerate(per_class)
+        for stat in ("precision", "recall")
+    }
+    tracking.log_metrics(config, run_id, flat)
+    tracking.log_artifacts(config, run_id, [metrics_out, per_class_csv])
+    tracking.log_artifacts(config, run_id, [confusion_png], "plots")
     return metrics

@@ -123,6 +123,12 @@ def export(
 ) -> dict:
     """Write models/model.onnx and models/model.json, or fail without touching them."""
     trained = load_checkpoint(checkpoint)
+    run_id = _pipeline_run(config, trained, data_dir, raw_dir)
+    with tracking.run_status(config, run_id, finish=True):
+        return _export(config, trained, run_id, data_dir, raw_dir, onnx_out, sidecar_out)
+
+
+def _export(config, trained: Checkpoint, run_id: str, data_dir, raw_dir, onnx_out, sidecar_out) -> dict:
     model, card = Probabilities(trained.net).eval(), trained.card
     test_images, _ = load_split(data_dir, "test")
     proto = to_onnx(model, torch.from_numpy(np.ascontiguousarray(test_images[:EXAMPLE_BATCH])), card)
@@ -135,7 +141,6 @@ def export(
             f"{parity['parity_argmax_mismatches']} argmax mismatches"
         )
     model_bytes = proto.SerializeToString()
-    run_id = _pipeline_run(config, trained, data_dir, raw_dir)
     sidecar = {
         "name": config.registry.model_name,
         **card.to_json(),

@@ -21,12 +21,35 @@ def summary(root: Path = Path()) -> str:
             f"   ({metrics['n_test']} test images, ONNX Runtime)",
             f"  latency (b=1)   p50 {metrics['latency_ms_p50_b1']} ms, p99 {metrics['latency_ms_p99_b1']} ms",
             f"  ONNX model      {(root / 'models/model.onnx').resolve()}",
-            f"  MLflow run      {lineage['mlflow_run_id']}  ({lineage['tracking_uri']})",
+            f"  MLflow run      {run_line(lineage['mlflow_run_id'], lineage['tracking_uri'])}",
             "  browse runs     make ui   ->  http://127.0.0.1:5000",
             "  metrics, plots  dvc metrics show; dvc plots show",
             "  serve it        make serve  ->  http://127.0.0.1:8000",
         ]
     )
+
+
+def run_line(run_id: str, uri: str) -> str:
+    """The run, or why there is none: outputs restored from DVC's run cache outlive their store."""
+    if run_exists(run_id, uri):
+        return f"{run_id}  ({uri})"
+    return (
+        f"none: run {run_id} is not in {uri} (these outputs came from DVC's run cache); "
+        "`dvc repro --force` runs the pipeline again and logs it"
+    )
+
+
+def run_exists(run_id: str, uri: str) -> bool:
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 if __name__ == "__main__":

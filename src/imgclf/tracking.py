@@ -6,14 +6,22 @@ experiment lands in the same store.
 """
 
 import hashlib
+import json
 import os
+import re
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from imgclf.config import Config, flatten
-from imgclf.store import default_tracking_uri, repo_root, resolve_tracking_uri
+from imgclf.store import ARTIFACTS_DIR, default_tracking_uri, prepare_store, repo_root, resolve_tracking_uri
 
-ARTIFACTS_DIR = "mlartifacts"
+NOT_CODE = ("dvc.lock", "params.yaml", "metrics", "plots")
+# The MLflow UI opens an experiment of this kind on its runs table (not the GenAI overview).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(config: Config) -> str:
@@ -32,8 +40,10 @@ def git_state(root: Path) -> dict[str, str]:
         return done.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    # dvc.lock is rewritten by the pipeline itself as stages finish: not a change to the code.
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
+    # "Dirty" means the code differs from the commit. The pipeline itself rewrites dvc.lock and
+    # its metrics and plots as stages finish, and `dvc exp run -S` rewrites params.yaml (the
+    # experiment is recorded by its own tag, dvc.exp_name, and the params by the run's params).
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in NOT_CODE))
     return {
         "git.commit": commit or "unknown",
         "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
@@ -65,7 +75,9 @@ def lineage(config: Config, data_dir: Path, raw_dir: Path) -> dict[str, str]:
 def client(config: Config):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(config))
+    uri = tracking_uri(config)
+    prepare_store(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
 def use_store(config: Config) -> None:
@@ -75,6 +87,7 @@ def use_store(config: Config) -> None:
     """
     import mlflow
 
+    prepare_store(tracking_uri(config))
     mlflow.set_tracking_uri(tracking_uri(config))
 
 
@@ -83,20 +96,82 @@ def start_run(config: Config, tags: dict[str, str]) -> str:
     from mlflow.entities import Param
 
     mlflow_client = client(config)
-    experiment = mlflow_client.get_experiment_by_name(config.tracking.experiment)
-    if experiment:
-        experiment_id = experiment.experiment_id
-    else:
-        # Beside the default store, artifacts go to <repo root>/mlartifacts: an absolute place,
-        # where MLflow would otherwise pick ./mlruns under whichever folder a stage runs in.
-        is_default = tracking_uri(config) == default_tracking_uri()
-        location = (repo_root() / ARTIFACTS_DIR).as_uri() if is_default else None
-        experiment_id = mlflow_client.create_experiment(config.tracking.experiment, location)
-    run = mlflow_client.create_run(experiment_id, tags=tags, run_name=tags.get("dvc.exp_name"))
+    run = mlflow_client.create_run(experiment_id(config), tags=tags, run_name=run_name(config, tags))
     params = [Param(key, str(value)) for key, value in flatten(config).items()]
     for start in range(0, len(params), 100):  # MLflow's per-request limit on params
         mlflow_client.log_batch(run.info.run_id, params=params[start : start + 100])
     return run.info.run_id
+
+
+def experiment_id(config: Config) -> str:
+    """The id of `tracking.experiment`, created on first use (by whichever process comes first)."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(config)
+    name = config.tracking.experiment
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is None:
+        # Beside the default store, artifacts go to <repo root>/mlartifacts: an absolute place,
+        # where MLflow would otherwise pick ./mlruns under whichever folder a stage runs in.
+        is_default = tracking_uri(config) == default_tracking_uri()
+        location = (repo_root() / ARTIFACTS_DIR).as_uri() if is_default else None
+        try:
+            return mlflow_client.create_experiment(name, location, tags=EXPERIMENT_TAGS)
+        except MlflowException:
+            experiment = mlflow_client.get_experiment_by_name(name)  # a queued sibling won the race
+            if experiment is None:
+                raise
+    if experiment.tags.get("mlflow.experimentKind") is None:
+        for key, value in EXPERIMENT_TAGS.items():
+            mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def run_name(config: Config, tags: dict[str, str]) -> str:
+    """The DVC experiment's name, else `<data>-<model>-<UTC time>`: distinct and telling."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return tags.get("dvc.exp_name") or f"{config.data.name}-{config.model.name}-{stamp}"
+
+
+@contextmanager
+def run_status(config: Config, run_id: str, finish: bool) -> Iterator[None]:
+    """End the run as KILLED (Ctrl-C, SIGTERM) or FAILED if the block raises; FINISHED after it
+    when `finish`. A run never stays RUNNING because its stage died."""
+    try:
+        yield
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        client(config).set_terminated(run_id, status)
+        raise
+    if finish:
+        client(config).set_terminated(run_id, "FINISHED")
+
+
+def metric_key(text: str) -> str:
+    """`text` as MLflow accepts it in a metric key (letters, digits, _ - . / and space)."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)
+
+
+def log_dataset(config: Config, run_id: str, tags: dict[str, str], report_path: Path) -> None:
+    """The normalized data set as the run's input: the MLflow UI's Dataset column and run page."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    source = {"data.name": config.data.name, "data.raw_sha256": tags.get("data.raw_sha256")}
+    source |= {
+        key: getattr(config.data, key)
+        for key in ("path", "url", "mirrors")
+        if getattr(config.data, key, None)
+    }
+    dataset = Dataset(
+        name=config.data.name,
+        digest=tags.get("data.normalized_sha256", "unknown")[:16],
+        source_type="dvc",
+        source=json.dumps(source),
+        profile=json.dumps({"n_images": report.get("n_images"), "shape": report.get("shape")}),
+    )
+    context = InputTag(key="mlflow.data.context", value="training")
+    client(config).log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])])
 
 
 def existing_run(config: Config, run_id: str) -> str | None:
@@ -116,7 +191,6 @@ def log_metrics(config: Config, run_id: str, metrics: dict[str, float], step: in
 
 def log_metric_history(config: Config, run_id: str, points: list[tuple[str, float, int]]) -> None:
     """Log (key, value, step) points in as few requests as MLflow allows."""
-    import time
 
     from mlflow.entities import Metric
 
@@ -129,8 +203,6 @@ def log_metric_history(config: Config, run_id: str, points: list[tuple[str, floa
 
 def log_data_report(config: Config, run_id: str, report_path: Path) -> None:
     """The normalize stage's data checks: the report as an artifact, its counts as metrics."""
-    import json
-
     report = json.loads(report_path.read_text(encoding="utf-8"))
     counts = {f"data.n_{split}": n for split, n in report.get("n_images", {}).items()}
     counts |= {f"data.duplicates.{pair}": n for pair, n in report.get("duplicates_across_splits", {}).items()}

@@ -28,6 +28,8 @@ from imgclf.models import build_model, checkpoint_record
 
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 RUN_ID_ENV = "IMGCLF_MLFLOW_RUN_ID"  # hands the run to DDP worker processes
+# metrics/train.json's keys as MLflow metrics: the best epoch's numbers say so; the rest as they are
+BEST = {key: f"best_{key}" for key in ("train_loss", "train_acc", "val_loss", "val_acc")}
 
 
 class ImageClassifier(L.LightningModule):
@@ -230,20 +232,22 @@ def train(
     with pipeline_run(config, data_dir, raw_dir) as run_id:
         record = checkpoint_record(card, config.model, run_id)
         module = ImageClassifier(build_model(config.model, card), config.train, record)
+        # One image, so that Lightning's model summary shows real sizes and FLOPs (not 0).
+        module.example_input_array = torch.zeros((1, *card.input.shape), dtype=torch.uint8)
         curves = EpochCurves()
         write_points = partial(tracking.log_metric_history, config, run_id)
         to_mlflow = MlflowEpochMetrics(curves, write_points, config.tracking.flush_seconds)
         seconds = fit(config, module, datamodule, [curves, to_mlflow], checkpoint_out)
-    if seconds is None:
-        return {}
-    n_train = len(datamodule.splits["train"][1])
-    metrics = summarize(curves.rows, seconds, to_mlflow.seconds, n_train)
-    write_json(metrics_out, metrics)
-    write_curves(curves.rows, curves_out, curves_png)
-    tracking.log_metrics(config, run_id, {f"best_{k}": v for k, v in metrics.items()})
-    tracking.log_artifacts(config, run_id, [params_file, metrics_out, curves_out])
-    if curves_png:
-        tracking.log_artifacts(config, run_id, [curves_png], "plots")
+        if seconds is None:
+            return {}
+        n_train = len(datamodule.splits["train"][1])
+        metrics = summarize(curves.rows, seconds, to_mlflow.seconds, n_train)
+        write_json(metrics_out, metrics)
+        write_curves(curves.rows, curves_out, curves_png)
+        tracking.log_metrics(config, run_id, {BEST.get(k, k): v for k, v in metrics.items()})
+        tracking.log_artifacts(config, run_id, [params_file, metrics_out, curves_out])
+        if curves_png:
+            tracking.log_artifacts(config, run_id, [curves_png], "plots")
     return metrics
 
 
@@ -259,17 +263,22 @@ def pipeline_run(config: Config, data_dir: Path, raw_dir: Path) -> Iterator[str]
 
     Lightning starts DDP workers as copies of this process, which see this process's environment:
     RUN_ID_ENV hands them the run while training lasts, and is gone afterwards, so that a second
-    training in one process opens a run of its own.
+    training in one process opens a run of its own. The process that opened the run ends it:
+    FINISHED, or FAILED or KILLED if training does not finish.
     """
     inherited = os.environ.get(RUN_ID_ENV)
     if inherited:
         yield inherited
         return
-    run_id = tracking.start_run(config, tracking.lineage(config, data_dir, raw_dir))
+    tags = tracking.lineage(config, data_dir, raw_dir)
+    run_id = tracking.start_run(config, tags)
+    tracking.log_dataset(config, run_id, tags, data_dir / REPORT)
     tracking.log_data_report(config, run_id, data_dir / REPORT)
     os.environ[RUN_ID_ENV] = run_id
     try:
-        yield run_id
+        # FINISHED when training is done; export reopens the run, evaluate adds to it.
+        with tracking.run_status(config, run_id, finish=True):
+            yield run_id
     finally:
         os.environ.pop(RUN_ID_ENV, None)
 

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -9,7 +11,7 @@ from imgclf.config import compose, validate
 from imgclf.data.datamodule import TensorBatches
 from imgclf.models import build_model
 from imgclf.training import RUN_ID_ENV, EpochCurves, ImageClassifier, MlflowEpochMetrics, train
-from tests.conftest import REPO, make_card
+from tests.conftest import REPO, make_card, tool_env
 
 
 @pytest.fixture
@@ -94,4 +96,67 @@ def test_train_twice_in_one_process_opens_two_runs_and_leaks_nothing(config, dig
     client = MlflowClient(tracking.tracking_uri(config))
     for run_id in run_ids:
         run = client.get_run(run_id)
-        assert run.data.metrics["best_epochs"] == 2 and run.data.params["train.max_epochs"] == "2"
+        assert run.data.metrics["epochs"] == 2 and run.data.params["train.max_epochs"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(KeyboardInterrupt(), "KILLED"), (RuntimeError("boom"), "FAILED")]
+)
+def test_a_training_that_stops_ends_its_run(config, digits_dirs, tmp_path, monkeypatch, error, status):
+    import imgclf.training as training
+
+    def stop(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(training, "fit", stop)
+    raw, normalized = digits_dirs
+    with pytest.raises(type(error)):
+        train(
+            config,
+            normalized,
+            raw,
+            tmp_path / "params.yaml",
+            tmp_path / "m.ckpt",
+            tmp_path / "t.json",
+            tmp_path / "c.csv",
+        )
+    client = tracking.client(config)
+    (run,) = client.search_runs([tracking.experiment_id(config)])
+    assert run.info.status == status
+    assert RUN_ID_ENV not in os.environ
+    assert not (tmp_path / "m.ckpt").exists() and not (tmp_path / "t.json").exists()
+
+
+def test_a_finished_training_run_is_named_tagged_and_has_its_data_set(config, digits_dirs, tmp_path):
+    raw, normalized = digits_dirs
+    out = tmp_path / "out"
+    train(config, normalized, raw, tmp_path / "params.yaml", out / "m.ckpt", out / "t.json", out / "c.csv")
+    client = tracking.client(config)
+    (run,) = client.search_runs([tracking.experiment_id(config)])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("digits-mlp-")  # distinct: the time follows
+    assert {"best_val_loss", "best_epoch", "epochs", "tracking_seconds"} <= set(run.data.metrics)
+    assert not any(key.startswith("best_best") or key == "best_epochs" for key in run.data.metrics)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "digits" and len(dataset.dataset.digest) == 16
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
+    code = (
+        "import os, signal, time\n"
+        "from imgclf.errors import run_or_exit\n"
+        "def body():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "    finally:\n"
+        "        print('cleaned up')\n"
+        "run_or_exit(body)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=tool_env(REPO)
+    )
+    assert done.returncode == 130 and "cleaned up" in done.stdout
+    assert done.stderr.strip() == "imgclf: interrupted"
