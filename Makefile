@@ -3,11 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP_VERSION := 26.3
+PLOTS_PAGE := .dvc/plots/index.html
+VEGA := .dvc/plots/node_modules
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install run test lint format ui serve bench clean browser-deps
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(PLOTS_PAGE)
 
 # torch first, pinned: pip then takes the CPU build; a range would pull a multi-GB CUDA build.
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -17,6 +19,16 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# `dvc plots show` draws with Vega, which DVC's page loads from a CDN: blank offline. The pinned
+# scripts (.dvc/plots/package-lock.json) are inlined into the page template that .dvc/config names.
+$(PLOTS_PAGE): .dvc/plots/package-lock.json
+	npm ci --silent --no-audit --no-fund --prefix .dvc/plots
+	{ printf '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n{refresh_tag}\n<title>DVC plots</title>\n'; \
+	  for f in vega/build/vega.min.js vega-lite/build/vega-lite.min.js vega-embed/build/vega-embed.min.js; do \
+	    printf '<script>\n'; cat $(VEGA)/$$f; printf '\n</script>\n'; done; \
+	  printf '<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n'; \
+	} > $@.tmp && mv $@.tmp $@
 
 run: install
 	imgclf params --check
@@ -57,4 +69,4 @@ bench: install
 	python bench/run_all.py
 
 clean:
-	rm -rf data models metrics plots bench/results .pytest_cache
+	rm -rf data models bench/results .pytest_cache dvc_plots

@@ -85,7 +85,7 @@ def main() -> None:
         "stage_s": stages,
         "noop_s": noops,
         "overrides": args.set,
-        "eval": {k: v for k, v in evaluation.items() if k != "per_class"},
+        "eval": evaluation,
         "train": train,
     }
     write_result("pipeline", rows, details)

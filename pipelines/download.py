@@ -1,15 +1,22 @@
 """DVC stage `download`: materialise data.name into data/raw/<name>/ with a SHA-256 manifest."""
 
-from imgclf.config import load_params
-from imgclf.data.download import download
+from imgclf.data import watch
 from imgclf.errors import run_or_exit
 from imgclf.stage import stage_paths
 
 
 def main() -> None:
     paths = stage_paths(__doc__, "params", "raw")
+    current = watch.fingerprint(paths.params)
+    if watch.is_current(paths.raw, current):
+        print(f"download: {paths.raw} is up to date")
+        return
+    from imgclf.config import load_params
+    from imgclf.data.download import download
+
     config = load_params(paths.params)
     download(config.data, paths.raw)
+    watch.record(paths.raw, current)
     print(f"download: {config.data.name} -> {paths.raw}")
 
 

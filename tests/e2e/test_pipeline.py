@@ -3,6 +3,7 @@
 Tests in this module share one copy and run in order: each later one changes the workspace.
 """
 
+import csv
 import hashlib
 import json
 import re
@@ -16,7 +17,7 @@ import yaml
 from imgclf.export import Probabilities
 from imgclf.models import load_checkpoint
 from imgclf.runtime import inference_session
-from tests.conftest import copy_repo, run
+from tests.conftest import REPO, copy_repo, run
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +25,25 @@ STAGES = ["download", "normalize", "train", "export", "evaluate"]
 
 
 def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
+    """The stages that did work: download runs on every repro, and says when it had nothing to do."""
+    ran = re.findall(r"Running stage '(\w+)'", output)
+    if re.search(r"^download: \S+ is up to date$", output, re.MULTILINE):
+        ran.remove("download")
+    return ran
+
+
+def git_outputs() -> set[str]:
+    """The outputs dvc.yaml gives to git (cache: false): metrics and plot data."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {
+        path
+        for stage in stages.values()
+        for kind in ("outs", "metrics")
+        for entry in stage.get(kind, [])
+        if isinstance(entry, dict)
+        for path, options in entry.items()
+        if options.get("cache") is False
+    }
 
 
 def sha256(path) -> str:
@@ -53,7 +72,9 @@ def test_default_config_reaches_097_test_accuracy(repo):
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["accuracy"] >= 0.97
     assert metrics["n_test"] == 270
-    assert set(metrics["per_class"]) == {str(d) for d in range(10)}
+    per_class = list(csv.DictReader((repo / "plots/per_class.csv").open()))
+    assert [row["class"] for row in per_class] == [str(d) for d in range(10)]
+    assert sum(int(row["support"]) for row in per_class) == 270
     assert metrics["latency_ms_p50_b1"] > 0 and metrics["throughput_b256"] > 0
     confusion = (repo / "plots/confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 271
@@ -106,7 +127,9 @@ def test_onnx_matches_the_checkpoint(repo, batch):
 
 def test_repro_writes_nothing_undeclared_and_a_second_repro_runs_nothing(repo):
     status = run(["git", "status", "--porcelain", "--untracked-files=all"], repo).stdout
-    assert [line[3:] for line in status.splitlines()] == ["dvc.lock"]
+    changed = {line[3:] for line in status.splitlines()}
+    assert "dvc.lock" in changed and changed <= {"dvc.lock", "plots/.gitignore", *git_outputs()}
+    assert {"metrics/eval.json", "plots/per_class.csv"} <= git_outputs()
     assert not list(repo.rglob("lightning_logs")) and not list(repo.rglob(".hydra"))
     assert not (repo / "outputs").exists() and not (repo / "mlruns").exists()
     assert stages_run(run(["dvc", "repro"], repo).stdout) == []
@@ -150,6 +173,8 @@ def test_two_clean_runs_give_the_same_model_bytes(repo, tmp_path_factory):
 
 
 def test_dvc_exp_run_composes_overrides(repo):
+    from mlflow.tracking import MlflowClient
+
     done = run(
         ["dvc", "exp", "run", "-S", "model=cnn", "-S", "train.lr=0.01", "-S", "train.max_epochs=2"],
         repo,
@@ -159,7 +184,53 @@ def test_dvc_exp_run_composes_overrides(repo):
     assert params["model"]["name"] == "cnn" and params["train"]["lr"] == 0.01
     sidecar = json.loads((repo / "models/model.json").read_text())
     assert sidecar["model"]["name"] == "cnn"
-    assert sidecar["lineage"]["dvc.exp_name"]
+    name = sidecar["lineage"]["dvc.exp_name"]
+    assert name
+    # DVC wrote params.yaml without imgclf's header: `make run`'s check accepts it as it is.
+    assert "written by DVC" in run(["imgclf", "params", "--check"], repo).stdout
+    run_ = MlflowClient(f"sqlite:///{repo}/mlflow.db").get_run(sidecar["lineage"]["mlflow_run_id"])
+    assert run_.data.tags["git.dirty"] == "false" and run_.data.tags["dvc.exp_name"] == name
+    assert run_.info.run_name == name and run_.info.status == "FINISHED"
+
+    # The experiment carries its metrics: exp show and metrics diff read them, exp apply restores them.
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    metrics = {}
+    for row in shown:
+        revisions = [row, *(rev for exp in row.get("experiments") or [] for rev in exp["revs"])]
+        for revision in revisions:
+            found = (revision["data"].get("metrics") or {}).get("metrics/eval.json", {})
+            assert "data" in found, f"no metrics for {revision['rev']}: {found.get('error')}"
+            metrics[revision["name"] or revision["rev"]] = found["data"]
+    assert {"workspace", "main", name} <= set(metrics)
+    # The README's command for a readable table fits 80 columns: nothing cut to "…", no "!".
+    keep = ["--drop", ".*", "--keep", r"^(Experiment|accuracy|macro_f1|model\.name|train\.lr)$"]
+    table = run(["dvc", "exp", "show", "--no-pager", *keep], repo, extra_env={"COLUMNS": "80"}).stdout
+    assert "…" not in table and "!" not in table and name in table and "cnn" in table
+    assert "accuracy" in run(["dvc", "metrics", "diff", "HEAD"], repo).stdout
+    run(["dvc", "exp", "apply", name], repo)
+    assert json.loads((repo / "metrics/eval.json").read_text())["accuracy"] == metrics[name]["accuracy"]
+    assert (
+        sha256(repo / "models/model.onnx")
+        == json.loads((repo / "models/model.json").read_text())["lineage"]["onnx_sha256"]
+    )
+
+
+def test_a_changed_image_folder_is_picked_up_by_a_plain_repro(tmp_path_factory):
+    from PIL import Image
+
+    repo = copy_repo(tmp_path_factory.mktemp("folder"))
+    photos = tmp_path_factory.mktemp("photos")
+    for label, colour in enumerate([(220, 30, 30), (30, 220, 30)]):
+        (photos / f"class{label}").mkdir()
+        for i in range(10):
+            Image.new("RGB", (6, 6), tuple(c + i for c in colour)).save(photos / f"class{label}" / f"{i}.png")
+    run(["imgclf", "params", "data=imagefolder", f"data.path={photos}", "data.image_size=[8,8]"], repo)
+    assert stages_run(run(["dvc", "repro", "normalize"], repo).stdout) == ["download", "normalize"]
+    Image.new("RGB", (6, 6), (250, 10, 10)).save(photos / "class0" / "new.png")
+    assert stages_run(run(["dvc", "repro", "normalize"], repo).stdout) == ["download", "normalize"]
+    report = json.loads((repo / "data/normalized/report.json").read_text())
+    assert sum(report["n_images"].values()) == 21
+    assert stages_run(run(["dvc", "repro", "normalize"], repo).stdout) == []  # nothing changed: nothing done
 
 
 @pytest.mark.parametrize(
@@ -178,3 +249,30 @@ def test_editing_one_stages_code_reruns_that_stage_only(repo, path, reruns):
     finally:
         file.write_text(original)
     run(["dvc", "repro"], repo)
+
+
+def test_summary_never_points_at_a_run_the_store_does_not_have(repo):
+    sidecar = json.loads((repo / "models/model.json").read_text())
+    run_id = sidecar["lineage"]["mlflow_run_id"]
+    assert f"MLflow run      {run_id}  (" in run(["python", "-m", "imgclf.summary"], repo).stdout
+    store, aside = repo / "mlflow.db", repo.parent / "mlflow.db.aside"
+    store.rename(aside)  # as after `rm mlflow.db; make run`: outputs come back from DVC's run cache
+    try:
+        out = run(["python", "-m", "imgclf.summary"], repo).stdout
+    finally:
+        aside.rename(store)
+    assert f"run {run_id} is not in sqlite:///{store}" in out and "dvc repro --force" in out
+
+
+def test_dvc_plots_show_draws_each_plot_once_and_needs_no_network(repo):
+    page = REPO / ".dvc/plots/index.html"  # built by `make install` (Makefile: PLOTS_PAGE)
+    assert page.is_file(), "run `make install` to build .dvc/plots/index.html"
+    shutil.copy(page, repo / ".dvc/plots/index.html")
+    run(["dvc", "plots", "show"], repo)
+    html = (repo / "dvc_plots/index.html").read_text()
+    assert "<script src=" not in html and "cdn.jsdelivr" not in html  # Vega is inlined
+    assert "vegaEmbed" in html
+    for image in ("confusion.png", "train_curves.png"):
+        assert len(re.findall(rf'<img src="[^"]*{image}"', html)) == 1, image
+    for title in ("Loss per epoch", "Accuracy per epoch", "Confusion matrix", "Recall per class"):
+        assert html.count(f'"text": "{title}') + html.count(f'"title": "{title}') >= 1, title
