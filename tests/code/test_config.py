@@ -1,12 +1,15 @@
 import itertools
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
 import yaml
 
-from imgclf.config import compose, flatten, params_drift, validate
+from imgclf.config import Config, compose, flatten, params_drift, validate
 from imgclf.errors import ConfigError
 from tests.conftest import REPO
 
@@ -16,12 +19,19 @@ def test_defaults_compose_and_validate():
     assert config.data.name == "digits"
     assert config.model.name == "mlp"
     assert config.trainer.name == "cpu"
+    assert config.train.augment.invert  # the default digits model reads dark ink on paper too
+    photos = validate(compose(["data=imagefolder", "data.path=/photos"], REPO / "conf"))
+    assert not photos.train.augment.invert  # a negative photo is no photo: digits alone turn it on
+    assert validate(compose(["train.augment.invert=false"], REPO / "conf")).train.augment.invert is False
 
 
 def choices(group: str) -> list[str]:
     """The options of a config group: the files in conf/<group>/."""
     return sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml"))
 
+
+GROUPS = ", ".join(sorted(path.name for path in (REPO / "conf").iterdir() if path.is_dir()))
+KEYS = ", ".join(Config.model_fields)
 
 # imagefolder needs a folder or an archive to be valid at all
 DATA_KEYS = {"imagefolder": ["data.path=/photos"]}
@@ -68,13 +78,19 @@ def test_flatten_expands_lists_and_keeps_every_key():
         ("train.lr=abc", "train.lr='abc'"),
         ("train.lr=-1", "train.lr=-1"),
         ("model=transformer", "Available options in 'model': cnn mlp"),
-        ("train.nope=1", "train.nope"),
+        ("train.nope=1", "train.nope=1: no key 'train.nope'; keys in train: max_epochs, batch_size"),
+        ("model.depth=3", "model.depth=3: no key 'model.depth'; keys in model: name, hidden, activation"),
+        ("modle=cnn", f"modle=cnn: no key or group 'modle'; groups: {GROUPS}; keys: {KEYS}"),
+        ("modle.depth=3", f"modle.depth=3: no key or group 'modle'; groups: {GROUPS}; keys: {KEYS}"),
         ("+train.nope=1", "unknown key 'train.nope'; allowed here: max_epochs"),
         ("+model.depth=3", "unknown key 'model.depth'; allowed here: name, hidden"),
         ("model.activation=gelu", "'relu', 'sigmoid' or 'tanh'"),
         ("trainer.devices=0", "trainer.devices=0"),
         ("train.augment.crop_padding=-1", "train.augment.crop_padding=-1"),
-        ("+train.augment.vflip=true", "unknown key 'train.augment.vflip'; allowed here: crop_padding, hflip"),
+        (
+            "+train.augment.vflip=true",
+            "unknown key 'train.augment.vflip'; allowed here: crop_padding, hflip, invert",
+        ),
         ("+experiment=mnist_cnn", "Multiple values for experiment"),
     ],
 )
@@ -82,6 +98,7 @@ def test_bad_overrides_name_the_key(override, expected):
     with pytest.raises(ConfigError) as error:
         validate(compose([override], REPO / "conf"))
     assert expected in str(error.value)
+    assert "use +" not in str(error.value)  # Hydra's advice, which the schema refuses
     assert "\n" not in str(error.value)
     assert error.value.exit_code == 2
 
@@ -99,6 +116,47 @@ def workspace(tmp_path):
 def imgclf(cwd, *args):
     code = "from imgclf.cli import main; main()"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_help_says_what_imgclf_is_its_commands_and_where_to_read_more(tmp_path):
+    done = imgclf(tmp_path, "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "imgclf trains image classifiers" in text
+    for command in ("params", "predict", "serve"):
+        assert re.search(rf"^ +{command} +\w", done.stdout, re.MULTILINE), command  # its summary
+    assert "README.md" in text
+    assert "imported inside their handlers" not in text  # an implementation note, not for users
+
+
+def test_version_is_the_package_version_without_the_training_stack(tmp_path):
+    code = (
+        "import sys\nfrom imgclf.cli import main\ntry:\n    main(['--version'])\nfinally:\n"
+        "    print(*sorted({'torch', 'lightning', 'hydra', 'mlflow'} & set(sys.modules)), file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"imgclf {version('imgclf')}\n"
+    assert done.stderr.strip() == ""  # none of them imported
+
+
+def test_params_help_lists_conf_groups_and_choices_and_shows_examples(workspace, tmp_path_factory):
+    (workspace / "conf" / "model" / "vit.yaml").write_text("name: vit\n")  # read at help time
+    done = imgclf(workspace, "params", "--help")
+    assert done.returncode == 0, done.stderr
+    groups = sorted(path for path in (workspace / "conf").iterdir() if path.is_dir())
+    assert "model" in [group.name for group in groups]
+    for group in groups:
+        listed = " ".join(sorted(path.stem for path in group.glob("*.yaml")))
+        assert re.search(rf"^ +{group.name} +{listed}$", done.stdout, re.MULTILINE), group.name
+    assert " vit" in done.stdout
+    for example in ("model=cnn train.lr=0.01", "experiment=mnist_cnn", "--check"):
+        assert f"imgclf params {example}" in done.stdout
+
+    done = imgclf(tmp_path_factory.mktemp("elsewhere"), "params", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "no conf/ folder in" in done.stdout  # said in the help, not a failure
+    assert "imgclf params experiment=mnist_cnn" in done.stdout
 
 
 def test_params_command_writes_overrides_and_check_detects_drift(workspace):
@@ -119,12 +177,13 @@ def test_params_command_writes_overrides_and_check_detects_drift(workspace):
 def test_bad_override_exits_2_and_leaves_params_yaml_alone(workspace):
     assert imgclf(workspace, "params").returncode == 0
     before = (workspace / "params.yaml").read_bytes()
-    for bad in ("train.batch_size=lots", "model=transformer", "+seed2=1"):
+    for bad in ("train.batch_size=lots", "model=transformer", "+seed2=1", "modle=cnn"):
         done = imgclf(workspace, "params", bad)
         assert done.returncode == 2, bad
         assert done.stderr.startswith("imgclf: error:")
         assert len(done.stderr.strip().splitlines()) == 1
         assert "Traceback" not in done.stderr
+        assert "use +" not in done.stderr  # Hydra's advice to add a key, which the schema refuses
     assert (workspace / "params.yaml").read_bytes() == before
     assert sorted(p.name for p in workspace.iterdir()) == ["conf", "params.yaml"]
 
@@ -163,6 +222,7 @@ def test_each_recipe_composes_without_plus_and_sets_its_data_model_and_training(
     assert config.train.max_epochs != defaults.train.max_epochs  # the recipe wins over config.yaml
     assert config.train.augment.crop_padding > 0
     assert config.train.augment.hflip == (config.data.name != "mnist")  # a mirrored digit is no digit
+    assert config.train.augment.invert == (config.data.name == "mnist")  # digits in either ink; photos not
 
 
 def test_command_line_overrides_win_over_a_recipe():
@@ -188,3 +248,35 @@ def test_params_command_records_a_recipe_and_check_follows_it(workspace):
     done = imgclf(workspace, "params", "--check")
     assert done.returncode == 2
     assert "train.max_epochs" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=cnn", "train.max_epochs=3"],
+        ["experiment=mnist_cnn", "train.lr=0.01"],
+        ["data=imagefolder", "data.path='/photos/my pets'", "data.image_size=[32,48]", "tracking.uri=null"],
+    ],
+)
+def test_a_params_yaml_that_dvc_wrote_passes_check_and_its_overrides_reproduce_it(workspace, overrides):
+    # `dvc exp run -S` and `dvc exp apply` write the composition without imgclf's header.
+    composed = compose(overrides, workspace / "conf")
+    (workspace / "params.yaml").write_text(yaml.safe_dump(composed, sort_keys=False))
+    done = imgclf(workspace, "params", "--check")
+    assert done.returncode == 0, done.stderr
+    assert "written by DVC" in done.stdout
+    again = shlex.split(done.stdout.split("`")[1])
+    assert again[:2] == ["imgclf", "params"]
+    assert imgclf(workspace, *again[1:]).returncode == 0  # the advice rewrites params.yaml...
+    assert yaml.safe_load((workspace / "params.yaml").read_text()) == composed  # ...to the same values
+    assert imgclf(workspace, "params", "--check").returncode == 0
+
+
+def test_drift_advice_keeps_the_recorded_overrides(workspace):
+    assert imgclf(workspace, "params", "model=cnn", "train.max_epochs=3").returncode == 0
+    recipe = workspace / "conf" / "model" / "cnn.yaml"
+    recipe.write_text(recipe.read_text().replace("hidden: 128", "hidden: 96"))  # conf/ moved on
+    done = imgclf(workspace, "params", "--check")
+    assert done.returncode == 2
+    assert "model.hidden: params.yaml has 128, conf/ gives 96" in done.stderr
+    assert "Run `imgclf params model=cnn train.max_epochs=3` to recompose it" in done.stderr

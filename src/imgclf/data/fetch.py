@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from imgclf.errors import ImgclfError
+from imgclf.config import URL_SCHEMES
+from imgclf.errors import ConfigError, ImgclfError
 
 CHUNK = 1 << 16
 PLAIN_PROGRESS_SECONDS = 15.0
@@ -200,6 +201,11 @@ def fetch(
     timeout: float = 30,
 ) -> Path:
     """The verified file in `cache_dir`, downloaded from the first mirror that delivers it."""
+    for base in mirrors:  # a mistyped mirror is a bad value (exit 2), not a failed download
+        scheme = urllib.parse.urlparse(base).scheme
+        if scheme not in URL_SCHEMES:
+            allowed = ", ".join(f"{name}://" for name in URL_SCHEMES)
+            raise ConfigError(f"data.mirrors: {base!r}: scheme {scheme!r} is not supported; use {allowed}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     # The cache is shared by every checkout and queued experiment: one downloader at a time, so a
     # second pipeline waits for the first's verified file instead of writing the same .part.
@@ -227,7 +233,9 @@ def _fetch_unlocked(
     if target.is_file() and verifies(target, remote):
         return target
     if not mirrors:
-        raise DownloadError(f"{remote.name}: no mirrors configured (data.mirrors is empty)")
+        raise ConfigError(
+            f"data.mirrors=[]: no mirror to fetch {remote.name} from, and it is not in {cache_dir}"
+        )
     part = target.with_name(target.name + ".part")
     errors = []
     for base in mirrors:
