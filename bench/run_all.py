@@ -15,6 +15,7 @@ from common import RESULTS_DIR, ROOT, format_rows
 BENCHMARKS = [
     "pipeline",
     "accuracy",
+    "polarity",
     "lightning_vs_plain",
     "onnx_vs_torch",
     "imagefolder",

@@ -60,9 +60,17 @@ def make_card(shape=(1, 8, 8), n_classes: int = 10, resize: str = "stretch"):
     )
 
 
-def run(args: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], cwd: Path, check: bool = True, extra_env: dict | None = None, **kwargs
+) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        args, cwd=cwd, env=tool_env(cwd), capture_output=True, text=True, timeout=600, **kwargs
+        args,
+        cwd=cwd,
+        env=tool_env(cwd) | (extra_env or {}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
     )
     if check and done.returncode != 0:
         raise AssertionError(f"{args} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
@@ -115,7 +123,7 @@ def train_digits_network(digits_splits, crop_padding: int = 0) -> tuple:
     card = digits_splits["card"]
     torch.manual_seed(0)
     net = build_model(compose_config("model.hidden=[64]", "model.dropout=0.0").model, card)
-    augment = BatchAugment(AugmentConfig(crop_padding=crop_padding, hflip=False), seed=0)
+    augment = BatchAugment(AugmentConfig(crop_padding=crop_padding, hflip=False, invert=False), seed=0)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     x, y = torch.from_numpy(images), torch.from_numpy(labels).long()
     for _ in range(MODEL_EPOCHS):

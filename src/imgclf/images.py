@@ -18,6 +18,14 @@ from PIL import Image, ImageOps
 
 from imgclf.card import MODE_CHANNELS, InputSpec
 
+# The default limit on an image's pixels, read from its header before anything is decoded: for
+# `imgclf predict`, `imgclf serve --max-megapixels` and training (conf/data/imagefolder.yaml's
+# max_image_pixels holds the same number). Phone photos pass: 48 MP (8000x6000), 108 MP
+# (12032x9024). A decompression bomb, a small file whose header claims gigapixels, does not.
+# Pillow itself refuses over 2 x Image.MAX_IMAGE_PIXELS (179 MP) at open, so no higher default
+# could take effect. At the limit a JPEG decodes at reduced scale (below); other formats hold
+# the whole image, 360 MB as RGB.
+MAX_PIXELS = 120_000_000
 # The formats Pillow may open: the common ones, decoded in-process. Others are refused, so an
 # upload cannot reach rarer decoders (EPS, for one, runs Ghostscript). JPEG covers phones' MPO.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
@@ -29,6 +37,12 @@ IMAGE_SUFFIXES = (
 # One fixed filter: Pillow's BILINEAR widens its support when shrinking (it antialiases), and
 # reducing_gap=None turns off the JPEG/box shortcuts whose use depends on the input size.
 RESAMPLE = Image.Resampling.BILINEAR
+# A JPEG much larger than the model's input is decoded by libjpeg at 1/2, 1/4 or 1/8 scale
+# (Image.draft: each 8x8 block becomes 4x4, 2x2 or one pixel), then resized like any image: a
+# 48-megapixel photo takes about 9 MB instead of 190 MB, and a third of the time or less. The
+# reduced image keeps at least this many pixels per output pixel, so the final filter averages
+# nearly what it would over the full image (tests/data/test_images.py measures both).
+DRAFT_MARGIN = 4
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 # What Pillow may raise on a corrupt or hostile file; anything else is a bug and propagates.
@@ -64,9 +78,10 @@ def decode_image_with_info(
     with _open(data, max_pixels) as image:
         mode = image.mode
         try:
+            factor = _draft(image, spec)
             image.load()  # Image.open read the header only: decode now, so truncation fails here
             upright = ImageOps.exif_transpose(image)
-            info = SourceInfo(mode, upright.width, upright.height)
+            info = SourceInfo(mode, upright.width * factor, upright.height * factor)
             pixels = np.asarray(_resize(_to_mode(upright, spec.mode), spec), dtype=np.uint8)
         except DECODE_ERRORS as error:
             raise BadImage(f"corrupt or truncated {mode} image: {_one_line(error)}") from None
@@ -105,6 +120,21 @@ def _open(data: bytes | str | os.PathLike, max_pixels: int) -> Image.Image:
             f"too many pixels, a decompression bomb: {width}x{height} = {width * height} > {max_pixels}"
         )
     return image
+
+
+def _draft(image: Image.Image, spec: InputSpec) -> int:
+    """Have a JPEG decoded at 1/2, 1/4 or 1/8 scale when it is large enough; the factor (1: none).
+
+    Only a factor that divides both sides, so that the reduced image covers exactly the source,
+    whichever way EXIF turns it; the choice depends on the two sizes alone, so it is deterministic.
+    """
+    width, height = image.size
+    # The shorter side against the longer target side: enough whichever way EXIF turns the image.
+    room = min(width, height) / (max(spec.size) * DRAFT_MARGIN)
+    factor = next((f for f in (8, 4, 2) if f <= room and width % f == 0 and height % f == 0), 1)
+    if factor == 1 or image.draft(None, (width // factor, height // factor)) is None:
+        return 1  # small enough, or not a JPEG: only libjpeg decodes at a reduced scale
+    return factor
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:

@@ -54,7 +54,7 @@ def test_images_stay_paired_with_their_labels():
 def test_datamodule_serves_the_normalized_splits(digits_dirs):
     _, normalized = digits_dirs
     module = ImageDataModule(
-        normalized, batch_size=32, seed=0, augment=AugmentConfig(crop_padding=0, hflip=False)
+        normalized, batch_size=32, seed=0, augment=AugmentConfig(crop_padding=0, hflip=False, invert=False)
     )
     module.setup("fit")
     images, labels = next(iter(module.train_dataloader()))
@@ -84,7 +84,7 @@ def variants(image, padding, hflip):
 @pytest.mark.parametrize(("padding", "hflip"), [(2, False), (0, True), (1, True)])
 def test_each_augmented_image_is_a_padded_crop_or_its_mirror(padding, hflip):
     images = distinct_images()
-    out = BatchAugment(AugmentConfig(crop_padding=padding, hflip=hflip), seed=0)(images)
+    out = BatchAugment(AugmentConfig(crop_padding=padding, hflip=hflip, invert=False), seed=0)(images)
     assert out.dtype == torch.uint8 and out.shape == images.shape
     allowed = variants(images[0], padding, hflip)
     matches = [[i for i, v in enumerate(allowed) if torch.equal(v, image)] for image in out]
@@ -94,13 +94,13 @@ def test_each_augmented_image_is_a_padded_crop_or_its_mirror(padding, hflip):
 
 def test_crop_offsets_span_the_whole_padding():
     images = torch.full((2000, 1, 1, 1), 9, dtype=torch.uint8)
-    out = BatchAugment(AugmentConfig(crop_padding=1, hflip=False), seed=0)(images)
+    out = BatchAugment(AugmentConfig(crop_padding=1, hflip=False, invert=False), seed=0)(images)
     # A 1x1 image padded by 1 is a 3x3 window: the pixel survives in 1 of 9 offsets.
     assert 0.08 < (out == 9).float().mean() < 0.14
 
 
 def test_augmentation_is_seeded_and_new_each_epoch():
-    config = AugmentConfig(crop_padding=2, hflip=True)
+    config = AugmentConfig(crop_padding=2, hflip=True, invert=False)
     images = distinct_images()
     first, second = BatchAugment(config, seed=3), BatchAugment(config, seed=3)
     epoch1, epoch2 = first(images), first(images)
@@ -111,7 +111,45 @@ def test_augmentation_is_seeded_and_new_each_epoch():
 
 def test_no_augmentation_by_default():
     images = distinct_images()
-    assert BatchAugment(AugmentConfig(crop_padding=0, hflip=False), seed=0)(images) is images
+    assert BatchAugment(AugmentConfig(crop_padding=0, hflip=False, invert=False), seed=0)(images) is images
+
+
+INVERT = AugmentConfig(crop_padding=0, hflip=False, invert=True)
+
+
+def inverted_mask(images, out):
+    """Which outputs are their input inverted (255 - x); every other output must be its input."""
+    inverted = (out == 255 - images).flatten(1).all(1)
+    assert torch.equal(out[~inverted], images[~inverted])
+    return inverted
+
+
+def test_invert_turns_about_half_the_images_into_their_negative():
+    images = distinct_images(n=2000)
+    out = BatchAugment(INVERT, seed=0)(images)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert 0.45 < inverted_mask(images, out).float().mean() < 0.55
+
+
+def test_invert_is_seeded_and_new_each_epoch():
+    images = distinct_images()
+    first, second = BatchAugment(INVERT, seed=3), BatchAugment(INVERT, seed=3)
+    epoch1, epoch2 = first(images), first(images)
+    assert torch.equal(epoch1, second(images)) and torch.equal(epoch2, second(images))
+    assert not torch.equal(inverted_mask(images, epoch1), inverted_mask(images, epoch2))
+    assert not torch.equal(epoch1, BatchAugment(INVERT, seed=4)(images))
+
+
+def test_invert_combines_with_crop_and_flip_and_whitens_the_padding():
+    images = distinct_images()
+    out = BatchAugment(AugmentConfig(crop_padding=1, hflip=True, invert=True), seed=0)(images)
+    allowed = variants(images[0], 1, hflip=True)
+    plain = [any(torch.equal(v, image) for v in allowed) for image in out]
+    negative = [any(torch.equal(255 - v, image) for v in allowed) for image in out]
+    assert all(p != n for p, n in zip(plain, negative, strict=True))  # one or the other, never neither
+    assert 0 < sum(negative) < len(out)
+    shifted = [image for image, n in zip(out, negative, strict=True) if n and (image == 255).any()]
+    assert shifted  # a negative that was shifted: its zero padding became white, like its background
 
 
 class Recorder(L.LightningModule):
@@ -152,7 +190,7 @@ def fit_and_record(normalized, augment):
 
 def test_only_training_batches_are_augmented_and_runs_repeat(digits_dirs):
     _, normalized = digits_dirs
-    augment = AugmentConfig(crop_padding=2, hflip=False)
+    augment = AugmentConfig(crop_padding=2, hflip=False, invert=False)
     module, seen = fit_and_record(normalized, augment)
     train_images, _ = module.splits["train"]
     plain = [images for images, _ in TensorBatches(train_images, module.splits["train"][1], 16, True, seed=5)]

@@ -9,12 +9,14 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+import yaml
+from PIL import Image, ImageDraw, ImageOps
 
 from imgclf.card import InputSpec
 from imgclf.images import (
     FORMATS,
     IMAGE_SUFFIXES,
+    MAX_PIXELS,
     BadImage,
     decode_image,
     decode_image_with_info,
@@ -256,3 +258,104 @@ def test_pixel_cap_is_checked_before_decoding():
     # Over twice Pillow's own limit, Pillow refuses at open; that is a bad image too, not a crash.
     with pytest.raises(BadImage, match="decompression bomb"):
         decode_image(png_header_only(30_000, 30_000), RGB_4x4, max_pixels=10**12)
+
+
+def test_one_default_pixel_limit_takes_phone_photos_in_training_and_serving():
+    imagefolder = yaml.safe_load((REPO / "conf" / "data" / "imagefolder.yaml").read_text(encoding="utf-8"))
+    assert imagefolder["max_image_pixels"] == MAX_PIXELS
+    assert MAX_PIXELS >= 12032 * 9024  # a 108-megapixel phone photo
+    assert MAX_PIXELS < 2 * Image.MAX_IMAGE_PIXELS  # above that, Pillow refuses at open, whatever the limit
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """A photo-like RGB scene: gradients, a checkerboard, a dark disc and thin bright lines."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    channels = [x * 0.7 + y * 0.3, 255 - x * 0.5 - y * 0.2, (x // 37 + y // 53) % 2 * 200]
+    image = Image.merge("RGB", [Image.fromarray(c.astype(np.uint8)) for c in channels])
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((width * 0.3, height * 0.3, width * 0.6, height * 0.7), fill=(10, 20, 30))
+    for left in range(0, width, width // 40):
+        draw.line((left, 0, left + width // 5, height), fill=(250, 250, 0), width=width // 400)
+    return image
+
+
+@pytest.fixture(scope="module")
+def turned_photo() -> tuple[bytes, bytes]:
+    """A 4000x3000 JPEG stored sideways (EXIF orientation 6), and its full decode, upright, as PPM:
+    the same pixels in a format that is always decoded whole."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpeg = encode(photo(4000, 3000), "JPEG", quality=90, exif=exif.tobytes())
+    with Image.open(io.BytesIO(jpeg)) as full:
+        return jpeg, encode(ImageOps.exif_transpose(full), "PPM")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [  # decoded at 1/8, 1/8, 1/4 and 1/2 scale
+        InputSpec("RGB", (64, 64), "crop"),
+        InputSpec("L", (8, 8), "stretch"),
+        InputSpec("L", (96, 128), "stretch"),
+        InputSpec("RGB", (224, 160), "crop"),
+    ],
+    ids=str,
+)
+def test_a_big_jpeg_decoded_at_reduced_scale_matches_the_full_decode(turned_photo, spec):
+    jpeg, full = turned_photo
+    pixels, info = decode_image_with_info(jpeg, spec, MAX_PIXELS)
+    reference = decode_image(full, spec, MAX_PIXELS)
+    assert (info.width, info.height) == (3000, 4000)  # the source's own size, upright
+    difference = np.abs(pixels.astype(int) - reference)
+    assert difference.max() <= 8 and difference.mean() < 1
+
+
+DECODE_PROBE = """
+import io, sys, time
+from PIL import Image
+from imgclf.card import InputSpec
+from imgclf.images import MAX_PIXELS, decode_image
+
+def peak_kib():  # this process's own peak resident size (ru_maxrss would count the parent's)
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+data = open(sys.argv[1], "rb").read()
+before = peak_kib()
+seconds = []
+for _ in range(3):
+    started = time.perf_counter()
+    if sys.argv[2] == "decode_image":
+        decode_image(data, InputSpec("RGB", (64, 64), "crop"), MAX_PIXELS)
+    else:
+        Image.open(io.BytesIO(data)).load()
+    seconds.append(time.perf_counter() - started)
+print((peak_kib() - before) * 1024, min(seconds))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the peak memory from /proc")
+def test_a_48_megapixel_jpeg_decodes_in_little_memory_and_time(tmp_path):
+    """decode_image against Pillow's bare full decode of the same file, each in a fresh process:
+    tracemalloc cannot see Pillow's pixel buffers (malloc'd in C), the process's peak size can."""
+    x = np.linspace(0, 255, 8000, dtype=np.float32)[None]
+    y = np.linspace(0, 255, 6000, dtype=np.float32)[:, None]
+    grey = Image.fromarray((x * 0.6 + y * 0.4).astype(np.uint8))
+    path = tmp_path / "phone.jpg"
+    Image.merge("RGB", [grey, grey.transpose(Image.Transpose.FLIP_TOP_BOTTOM), grey]).save(path, quality=90)
+    measured = {}
+    for way in ("decode_image", "full"):
+        done = subprocess.run(
+            [sys.executable, "-c", DECODE_PROBE, str(path), way],
+            env=tool_env(REPO),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        peak_bytes, seconds = done.stdout.split()
+        measured[way] = int(peak_bytes), float(seconds)
+    (peak, seconds), (full_peak, full_seconds) = measured["decode_image"], measured["full"]
+    assert full_peak >= 8000 * 6000 * 3  # the full decode holds every RGB pixel: 144 MB
+    assert peak < 20 * 2**20, measured  # at 1/8 scale: 1000x750 pixels, 2.25 MB
+    assert seconds < full_seconds / 2, measured

@@ -3,6 +3,7 @@ every kind of bad input gets a 4xx with a JSON detail, never a 5xx."""
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import threading
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from imgclf.card import InputSpec
+from imgclf.images import MAX_PIXELS
 from imgclf.serving.app import FULL_SIZE_IMAGES_PER_REQUEST, MAX_FILES, create_app
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, MIB
 from imgclf.serving.model import ServedModel
@@ -187,8 +189,10 @@ def test_a_crop_model_classifies_the_centre_of_a_wide_image(crop_url, crop_model
 
 
 def bomb_png() -> bytes:
-    """A real, decodable 1-bit PNG of 8000x8000 = 64 megapixels: a few kB on the wire."""
-    return encode(Image.new("1", (8000, 8000), 1), optimize=True)
+    """A real, decodable 1-bit PNG just over the default limit (10955x10955, 120 megapixels): a
+    few tens of kB on the wire."""
+    side = math.isqrt(MAX_PIXELS) + 1
+    return encode(Image.new("1", (side, side), 1), optimize=True)
 
 
 BAD_FILES = {

@@ -13,6 +13,7 @@ from PIL import Image
 
 from imgclf.card import InputSpec
 from tests.conftest import REPO, tool_env
+from tests.data.test_images import png_header_only
 from tests.serving.conftest import grey_png, reference_answer, wide_digits
 
 
@@ -114,6 +115,24 @@ def test_a_colour_photo_is_converted_and_resized(model_path, tmp_path, digits_sp
     # The model's input, as its card says: greyscale 8x8, stretched.
     want = reference_answer(reference_session, photo.read_bytes(), InputSpec("L", (8, 8), "stretch"))
     np.testing.assert_allclose([got[c] for c in digits_splits["card"].classes], want, rtol=0, atol=1e-6)
+
+
+def test_a_48_megapixel_phone_photo_is_classified_and_bombs_are_not(model_path, tmp_path):
+    Image.new("RGB", (8000, 6000), (230, 230, 230)).save(tmp_path / "phone.jpg", quality=90)
+    (tmp_path / "over.png").write_bytes(png_header_only(11_000, 11_000))  # just over the default
+    (tmp_path / "bomb.png").write_bytes(png_header_only(50_000, 50_000))  # over Pillow's own limit
+    done = imgclf(
+        "predict", "--model", str(model_path), "--json", "phone.jpg", "over.png", "bomb.png", cwd=tmp_path
+    )
+    phone, over, bomb = (json.loads(line) for line in done.stdout.splitlines())
+    assert "label" in phone, phone
+    assert over["error"] == "too many pixels, a decompression bomb: 11000x11000 = 121000000 > 120000000"
+    assert "too many pixels" in bomb["error"] and "2500000000" in bomb["error"]
+    assert done.returncode == 1
+    lower = imgclf(
+        "predict", "--model", str(model_path), "--max-megapixels", "40", "--json", "phone.jpg", cwd=tmp_path
+    )
+    assert json.loads(lower.stdout)["error"].endswith("8000x6000 = 48000000 > 40000000")
 
 
 def text_file(path):

@@ -2,7 +2,8 @@
 
 Random crop with zero padding and horizontal flip, as in the CIFAR ResNet paper, done as one
 gather per batch: a per-sample Python loop (or torchvision's per-image transforms) would cost
-more than the training step itself on small images.
+more than the training step itself on small images. Inversion (255 - pixels) of a random half
+teaches a model ink of both polarities: a digits model otherwise reads only light ink on dark.
 """
 
 import torch
@@ -34,6 +35,13 @@ def crop_and_flip(
     ]
 
 
+def invert_half(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """255 - pixels for a random half of the (N, C, H, W) uint8 images, all channels alike."""
+    n = images.shape[0]
+    inverted = torch.randint(0, 2, (n, 1, 1, 1), generator=generator, device=images.device).bool()
+    return torch.where(inverted, 255 - images, images)
+
+
 class BatchAugment:
     """The configured augmentation with its own random stream, seeded once.
 
@@ -47,11 +55,16 @@ class BatchAugment:
 
     @property
     def active(self) -> bool:
-        return self.config.crop_padding > 0 or self.config.hflip
+        return self.config.crop_padding > 0 or self.config.hflip or self.config.invert
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return images
         if self.generator is None or self.generator.device != images.device:
             self.generator = torch.Generator(device=images.device).manual_seed(self.seed)
-        return crop_and_flip(images, self.config.crop_padding, self.config.hflip, self.generator)
+        if self.config.crop_padding > 0 or self.config.hflip:
+            images = crop_and_flip(images, self.config.crop_padding, self.config.hflip, self.generator)
+        if self.config.invert:
+            # After the crop, so that an inverted image's padding turns white like its background.
+            images = invert_half(images, self.generator)
+        return images

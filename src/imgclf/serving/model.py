@@ -21,12 +21,10 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from imgclf.card import ModelCard
 from imgclf.errors import ImgclfError
-from imgclf.images import decode_image
+from imgclf.images import MAX_PIXELS, decode_image
 from imgclf.runtime import inference_session
-from imgclf.store import repo_root, resolve_tracking_uri
+from imgclf.store import StoreError, prepare_store, repo_root, resolve_tracking_uri
 
-# 40 megapixels: a large phone photo decodes, a decompression bomb is refused from its header.
-DEFAULT_MAX_PIXELS = 40_000_000  # `imgclf serve --max-megapixels` states it in its help: keep them equal
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))")
 CARD_METADATA = "imgclf.card"  # written by the export stage (imgclf.export.CARD_METADATA)
 # What ONNX Runtime raises for a file it cannot load (they derive from Exception, not one base).
@@ -62,7 +60,7 @@ class ServedModel:
     output_name: str
 
     @classmethod
-    def load(cls, model: str, threads: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> "ServedModel":
+    def load(cls, model: str, threads: int = 0, max_pixels: int = MAX_PIXELS) -> "ServedModel":
         """Load MODEL (a path or a models:/ URI); ModelError in one line if it cannot be served."""
         if model.startswith("models:/"):
             return _load_registered(model, threads, max_pixels)
@@ -203,6 +201,10 @@ def _load_registered(uri: str, threads: int, max_pixels: int) -> ServedModel:
         raise ModelError(
             f"model {uri!r}: no MLflow store at {store} (run `make run`, or set MLFLOW_TRACKING_URI)"
         )
+    try:
+        prepare_store(store)
+    except StoreError as error:
+        raise ModelError(f"model {uri!r}: {error}") from None
     # Progress bars would garble `imgclf predict --json` output on a terminal.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # mlflow takes seconds to import: only a registry URI pays for it.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import ImgclfError
-from imgclf.images import IMAGE_SUFFIXES, BadImage
+from imgclf.images import IMAGE_SUFFIXES, MAX_PIXELS, BadImage
 from imgclf.serving.model import ServedModel
 
 BATCH = 256
@@ -86,9 +86,16 @@ def _classify(model: ServedModel, pending: list, top_k: int | None) -> Iterator[
             yield prediction(name, next(probabilities), model.card.classes, top_k)
 
 
-def run(model_uri: str, files: list[str], as_json: bool, top_k: int | None, threads: int) -> None:
+def run(
+    model_uri: str,
+    files: list[str],
+    as_json: bool,
+    top_k: int | None,
+    threads: int,
+    max_pixels: int = MAX_PIXELS,
+) -> None:
     """The command: print the records, then fail (exit 1) if any file could not be classified."""
-    model = ServedModel.load(model_uri, threads=threads)
+    model = ServedModel.load(model_uri, threads=threads, max_pixels=max_pixels)
     records = predict_files(model, files, top_k)
     if as_json:
         failed = total = 0

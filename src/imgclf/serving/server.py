@@ -5,9 +5,10 @@ requests are classified in parallel on one shared session. uvicorn picks uvloop 
 when installed (`uvicorn[standard]`), which roughly halves the per-request overhead.
 """
 
+from imgclf.images import MAX_PIXELS
 from imgclf.serving.app import create_app
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES
-from imgclf.serving.model import DEFAULT_MAX_PIXELS, ServedModel
+from imgclf.serving.model import ServedModel
 
 
 def serve(
@@ -17,7 +18,7 @@ def serve(
     threads: int = 1,
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = MAX_PIXELS,
     access_log: bool = False,
 ) -> None:
     import uvicorn
