@@ -16,9 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 VENV_BIN = Path(sys.prefix) / "bin"  # the interpreter running the benchmark, e.g. .venv/bin
-# Pipeline outputs and local state: a copy must start without them (they are gitignored anyway;
-# dvc.lock is dropped too so that `dvc repro` in the copy really starts from scratch).
-EXCLUDED = {"data", "models", "metrics", "plots", "mlflow.db", "mlartifacts", "mlruns", ".venv"}
+# Cached pipeline outputs and local state: a copy must start without them (they are gitignored
+# anyway; dvc.lock is dropped too so that `dvc repro` in the copy really starts from scratch).
+# metrics/ and plots/*.csv are in git, as in a clone: experiments compare against them.
+EXCLUDED = {"data", "models", "mlflow.db", "mlartifacts", "mlruns", ".venv"}
 EXCLUDED_FILES = {"dvc.lock"}
 GIT_IDENTITY = ["-c", "user.name=bench", "-c", "user.email=bench@localhost"]
 GIT_IDENTITY += ["-c", "commit.gpgsign=false"]
