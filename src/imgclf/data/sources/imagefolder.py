@@ -121,7 +121,7 @@ def scan(root: Path) -> tuple[dict[str, list[Path]], list[Path]]:
         if not entry.is_dir():
             ignored.append(entry)
             continue
-        if not printable_name(entry.name):  # a class name goes in classes.json and the model
+        if not printable_name(entry.name):  # a class name goes in the model card
             raise ImgclfError(f"{str(entry)!r}: the name is not valid UTF-8 or holds a line break")
         files = []
         for folder, dirs, names in os.walk(entry):  # symlinked folders are not followed: no loops
