@@ -9,6 +9,7 @@ a test that builds a config composes conf/ (`compose`) and gets what a user gets
 
 import json
 import os
+import re
 import types
 import typing
 import urllib.parse
@@ -135,7 +136,7 @@ class TrainerConfig(Section):
     name: Annotated[str, Field(min_length=1)]  # the conf/trainer/ file it came from
     accelerator: Literal["cpu", "gpu", "mps", "auto"]
     devices: PositiveInt | Literal["auto"]
-    strategy: Literal["auto", "ddp", "ddp_spawn"]
+    strategy: Literal["auto", "ddp"]  # not ddp_spawn: the epoch curves live in the main process
     precision: Literal["32-true", "16-mixed", "bf16-mixed"]
     deterministic: bool
 
@@ -343,7 +344,10 @@ def _override_value(value: Any) -> str:
         return "[" + ",".join(_override_value(item) for item in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    # Hydra reads a backslash as an escape only before a quote or at the end of the string; a
+    # `${` would be an interpolation.
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, str(value))
+    return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 def write_params(

@@ -6,7 +6,6 @@ Plain Python, without the config schema or mlflow (imported only to create a sto
 
 import fcntl
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -66,11 +65,14 @@ def prepare_store(uri: str) -> None:
     if not uri.startswith("sqlite:///") or uri in _prepared:
         return
     path = Path(uri.removeprefix("sqlite:///"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_name(path.name + ".lock"), path):
-        state = _schema_state(path)
-        if state != "current":
-            _build(path, migrate=state == "old")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path.with_name(path.name + ".lock"), path):
+            state = _schema_state(path)
+            if state != "current":
+                _build(path, migrate=state == "old")
+    except OSError as error:  # a read-only folder, a full disk
+        raise StoreError(f"MLflow store {path}: {error.strerror or error}") from None
     _prepared.add(uri)
 
 
@@ -100,7 +102,8 @@ def _schema_state(path: Path) -> str:
     if not path.exists() or path.stat().st_size == 0:
         return "missing"
     try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        # Read-write: a writer killed mid-transaction leaves a journal that opening rolls back.
+        with closing(sqlite3.connect(path)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
             if leftovers:
@@ -125,7 +128,9 @@ def _build(path: Path, migrate: bool) -> None:
     tmp.unlink(missing_ok=True)
     try:
         if migrate:
-            shutil.copy2(path, tmp)
+            # sqlite's own copy: consistent even if another process writes meanwhile.
+            with closing(sqlite3.connect(path)) as source, closing(sqlite3.connect(tmp)) as copy:
+                source.backup(copy)
             engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
             _upgrade_db(engine)
             engine.dispose()

@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from imgclf.config import Config, flatten
-from imgclf.store import ARTIFACTS_DIR, default_tracking_uri, prepare_store, repo_root, resolve_tracking_uri
+from imgclf.errors import ImgclfError
+from imgclf.store import ARTIFACTS_DIR, prepare_store, resolve_tracking_uri
 
 NOT_CODE = ("dvc.lock", "params.yaml", "metrics", "plots")
 # The MLflow UI opens an experiment of this kind on its runs table (not the GenAI overview).
@@ -63,7 +64,9 @@ def folder_hash(folder: Path) -> str:
 
 def lineage(config: Config, data_dir: Path, raw_dir: Path) -> dict[str, str]:
     """What a model can be traced back to: code (git), data (hashes) and the DVC experiment."""
-    tags = git_state(repo_root())
+    # The stage's own checkout: a queued or --temp experiment runs in a copy of its own, while
+    # DVC_ROOT names the main workspace.
+    tags = git_state(Path.cwd())
     tags["data.name"] = config.data.name
     tags["data.raw_sha256"] = folder_hash(raw_dir) if raw_dir.is_dir() else "unknown"
     tags["data.normalized_sha256"] = folder_hash(data_dir)
@@ -111,16 +114,22 @@ def experiment_id(config: Config) -> str:
     name = config.tracking.experiment
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
-        # Beside the default store, artifacts go to <repo root>/mlartifacts: an absolute place,
-        # where MLflow would otherwise pick ./mlruns under whichever folder a stage runs in.
-        is_default = tracking_uri(config) == default_tracking_uri()
-        location = (repo_root() / ARTIFACTS_DIR).as_uri() if is_default else None
+        # Beside a sqlite store, artifacts go to <store folder>/mlartifacts: an absolute place, where
+        # MLflow would otherwise pick ./mlruns under whichever (temporary) folder a stage runs in.
+        uri = tracking_uri(config)
+        store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        location = (store.parent / ARTIFACTS_DIR).as_uri() if store else None
         try:
             return mlflow_client.create_experiment(name, location, tags=EXPERIMENT_TAGS)
         except MlflowException:
             experiment = mlflow_client.get_experiment_by_name(name)  # a queued sibling won the race
             if experiment is None:
                 raise
+    if experiment.lifecycle_stage != "active":
+        raise ImgclfError(
+            f"MLflow experiment {name!r} is deleted in {tracking_uri(config)}: restore it in the MLflow "
+            "UI, or set tracking.experiment to another name"
+        )
     if experiment.tags.get("mlflow.experimentKind") is None:
         for key, value in EXPERIMENT_TAGS.items():
             mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
@@ -175,14 +184,15 @@ def log_dataset(config: Config, run_id: str, tags: dict[str, str], report_path: 
 
 
 def existing_run(config: Config, run_id: str) -> str | None:
-    """`run_id` if the store still has it (a restored DVC cache may point at a deleted run)."""
+    """`run_id` if the store still has it, not deleted (a restored DVC cache may point at a run
+    that is gone, or one deleted in the MLflow UI)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client(config).get_run(run_id)
+        run = client(config).get_run(run_id)
     except MlflowException:
         return None
-    return run_id
+    return run_id if run.info.lifecycle_stage == "active" else None
 
 
 def log_metrics(config: Config, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

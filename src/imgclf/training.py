@@ -319,7 +319,12 @@ def fit(
             enable_progress_bar=sys.stdout.isatty(),
         )
         started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
+        try:
+            trainer.fit(module, datamodule=datamodule)
+        except SystemExit:
+            if trainer.interrupted:  # Lightning turns Ctrl-C and SIGTERM into exit(1)
+                raise KeyboardInterrupt from None
+            raise
         seconds = time.perf_counter() - started
         if not trainer.is_global_zero:
             return None

@@ -280,3 +280,14 @@ def test_drift_advice_keeps_the_recorded_overrides(workspace):
     assert done.returncode == 2
     assert "model.hidden: params.yaml has 128, conf/ gives 96" in done.stderr
     assert "Run `imgclf params model=cnn train.max_epochs=3` to recompose it" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "path", ["a\\b", "a\\", "it's", "x${y}", "~/.cache", "a b", "", "1e-3", "true", "a=b,c"]
+)
+def test_inferred_overrides_give_back_any_string(path):
+    from imgclf.config import inferred_overrides
+
+    params = compose(["data=imagefolder", "data.path=/x"], REPO / "conf")
+    params["data"]["path"] = path
+    assert compose(inferred_overrides(params, REPO / "conf"), REPO / "conf")["data"]["path"] == path

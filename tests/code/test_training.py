@@ -160,3 +160,10 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
     )
     assert done.returncode == 130 and "cleaned up" in done.stdout
     assert done.stderr.strip() == "imgclf: interrupted"
+
+
+def test_a_run_deleted_in_the_ui_is_not_taken_for_the_pipelines_run(config):
+    run_id = tracking.start_run(config, {})
+    assert tracking.existing_run(config, run_id) == run_id
+    tracking.client(config).delete_run(run_id)
+    assert tracking.existing_run(config, run_id) is None

@@ -3,9 +3,11 @@ fast way out.
 
 DVC cannot watch `data.path`, a folder outside the repository, so the download stage runs on
 every `dvc repro` (`always_changed`) and keeps its output (`persist`). It then compares a
-fingerprint of what it would fetch (the `data` params and, for a local folder, each file's path,
-size and modification time) with the one recorded at the last download, and stops at once when
-they agree: a no-op repro stays a fraction of a second, and a changed folder is picked up.
+fingerprint of what it would fetch (the `data` params, the download code and, for a local folder
+or file:// archive, each file's path, size and modification time), and of its output as it is,
+with the ones recorded at the last download, and stops at once when they agree: a no-op repro
+stays fast, and a changed folder is picked up. An archive URL without `data.sha256` is always
+fetched again: it may change behind the same URL.
 
 Standard library and YAML only, so the check costs no more than starting Python.
 """
@@ -13,30 +15,59 @@ Standard library and YAML only, so the check costs no more than starting Python.
 import hashlib
 import json
 import os
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
+CODE = Path(__file__).resolve().parent  # imgclf/data: the download code, sources included
+NEVER = "never"  # a fingerprint no record equals: download again
 
-def fingerprint(params_file: Path) -> str:
-    """What a download from `params_file`'s `data` section would fetch, as a SHA-256."""
+
+def fingerprint(params_file: Path, script: Path) -> str:
+    """What a download from `params_file`'s `data` section, by `script` and the data package's
+    code, would fetch, as a SHA-256."""
     data = (yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}).get("data") or {}
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
-    if isinstance(data.get("path"), str):
-        root = Path(data["path"]).expanduser()
+    for path in [script, *sorted(CODE.rglob("*.py"))]:
+        digest.update(path.read_bytes())
+    url, path = data.get("url"), data.get("path")
+    if isinstance(url, str):
+        if not data.get("sha256"):
+            return NEVER  # an unpinned archive may change behind the same URL
+        if url.startswith("file://"):
+            local = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+            if not local.is_file():
+                return NEVER
+            digest.update(stat_line(local, local.parent))
+    if isinstance(path, str):
+        root = Path(path).expanduser()
         if not root.is_dir():
-            return "missing"  # never current: the download reports the folder
-        for path in walk_files(root):
-            stat = path.stat()
-            entry = f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
-            digest.update(entry.encode("utf-8", "surrogateescape"))
+            return NEVER  # the download reports the missing folder
+        for file in walk_files(root):
+            digest.update(stat_line(file, root))
+    return digest.hexdigest()
+
+
+def stat_line(path: Path, root: Path) -> bytes:
+    stat = path.stat()
+    return f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(
+        "utf-8", "surrogateescape"
+    )
+
+
+def output_state(raw_dir: Path) -> str:
+    """The download's output as it is now: a file deleted or edited there means download again."""
+    digest = hashlib.sha256()
+    for file in walk_files(raw_dir):
+        digest.update(stat_line(file, raw_dir))
     return digest.hexdigest()
 
 
 def walk_files(root: Path) -> Iterator[Path]:
     """Every file below `root`, in a stable order."""
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root, followlinks=True):  # as the image folder is read
         dirs.sort()
         yield from (Path(folder) / name for name in sorted(files))
 
@@ -48,8 +79,10 @@ def record_file(raw_dir: Path) -> Path:
 
 def is_current(raw_dir: Path, current: str) -> bool:
     record = record_file(raw_dir)
-    return raw_dir.is_dir() and record.is_file() and record.read_text(encoding="utf-8") == current
+    if current == NEVER or not raw_dir.is_dir() or not record.is_file():
+        return False
+    return record.read_text(encoding="utf-8") == f"{current} {output_state(raw_dir)}"
 
 
 def record(raw_dir: Path, current: str) -> None:
-    record_file(raw_dir).write_text(current, encoding="utf-8")
+    record_file(raw_dir).write_text(f"{current} {output_state(raw_dir)}", encoding="utf-8")
