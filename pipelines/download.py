@@ -1,7 +1,5 @@
 """DVC stage `download`: materialise data.name into data/raw/<name>/ with a SHA-256 manifest."""
 
-from pathlib import Path
-
 from imgclf.data import watch
 from imgclf.errors import run_or_exit
 from imgclf.stage import stage_paths
@@ -9,7 +7,7 @@ from imgclf.stage import stage_paths
 
 def main() -> None:
     paths = stage_paths(__doc__, "params", "raw")
-    current = watch.fingerprint(paths.params, Path(__file__))
+    current = watch.fingerprint(paths.params)
     if watch.is_current(paths.raw, current):
         print(f"download: {paths.raw} is up to date")
         return

@@ -3,8 +3,9 @@ fast way out.
 
 DVC cannot watch `data.path`, a folder outside the repository, so the download stage runs on
 every `dvc repro` (`always_changed`) and keeps its output (`persist`). It then compares a
-fingerprint of what it would fetch (the `data` params, the download code and, for a local folder
-or file:// archive, each file's path, size and modification time), and of its output as it is,
+fingerprint of what it would fetch (the `data` params, the stage's code deps in dvc.yaml and, for
+a local folder or file:// archive, each file's path, size and modification time), and of its
+output as it is (names and sizes),
 with the ones recorded at the last download, and stops at once when they agree: a no-op repro
 stays fast, and a changed folder is picked up. An archive URL without `data.sha256` is always
 fetched again: it may change behind the same URL.
@@ -21,16 +22,16 @@ from pathlib import Path
 
 import yaml
 
-CODE = Path(__file__).resolve().parent  # imgclf/data: the download code, sources included
 NEVER = "never"  # a fingerprint no record equals: download again
 
 
-def fingerprint(params_file: Path, script: Path) -> str:
-    """What a download from `params_file`'s `data` section, by `script` and the data package's
-    code, would fetch, as a SHA-256."""
+def fingerprint(params_file: Path, stage: str = "download") -> str:
+    """What a download from `params_file`'s `data` section, by the code dvc.yaml lists for the
+    stage (beside params.yaml), would fetch, as a SHA-256."""
+    root = params_file.parent
     data = (yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}).get("data") or {}
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
-    for path in [script, *sorted(CODE.rglob("*.py"))]:
+    for path in code_deps(root, stage):
         digest.update(path.read_bytes())
     url, path = data.get("url"), data.get("path")
     if isinstance(url, str):
@@ -50,6 +51,17 @@ def fingerprint(params_file: Path, script: Path) -> str:
     return digest.hexdigest()
 
 
+def code_deps(root: Path, stage: str) -> list[Path]:
+    """The stage's code deps in dvc.yaml, folders expanded: editing any of them downloads again."""
+    deps = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]["deps"]
+    files: list[Path] = []
+    for dep in deps:
+        path = root / dep
+        if dep.startswith(("src/", "pipelines/")):
+            files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
 def stat_line(path: Path, root: Path) -> bytes:
     stat = path.stat()
     return f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(
@@ -58,10 +70,15 @@ def stat_line(path: Path, root: Path) -> bytes:
 
 
 def output_state(raw_dir: Path) -> str:
-    """The download's output as it is now: a file deleted or edited there means download again."""
+    """The download's output as it is now, by names and sizes: a file deleted, added or cut short
+    there means download again. Not by times: DVC relinks the output from its cache."""
     digest = hashlib.sha256()
     for file in walk_files(raw_dir):
-        digest.update(stat_line(file, raw_dir))
+        digest.update(
+            f"{file.relative_to(raw_dir).as_posix()}\0{file.stat().st_size}\n".encode(
+                "utf-8", "surrogateescape"
+            )
+        )
     return digest.hexdigest()
 
 
