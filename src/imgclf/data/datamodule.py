@@ -90,8 +90,7 @@ class ImageDataModule(L.LightningDataModule):
             self.augment = BatchAugment(self.augment_config, self.seed + self.trainer.global_rank)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # Training batches only; the model summary's example input (a bare tensor) passes as is.
-        if self.trainer is not None and self.trainer.training and isinstance(batch, tuple | list):
+        if self.trainer is not None and self.trainer.training:
             images, labels = batch
             return self.augment(images), labels
         return batch
