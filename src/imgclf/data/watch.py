@@ -31,6 +31,8 @@ def fingerprint(params_file: Path, stage: str = "download") -> str:
     root = params_file.parent
     data = (yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}).get("data") or {}
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
+    if not (root / "dvc.yaml").is_file():
+        return NEVER  # run outside a DVC project: no record of the code to compare
     for path in code_deps(root, stage):
         digest.update(path.read_bytes())
     url, path = data.get("url"), data.get("path")
