@@ -297,17 +297,15 @@ def recorded_overrides(params_path: str | os.PathLike = PARAMS_FILE) -> list[str
     return None
 
 
-GROUPS_WITH_NAMES = ("data", "model", "trainer")  # conf/ groups whose choice is their `name` key
-
-
 def inferred_overrides(params: dict, conf_dir: str | os.PathLike = CONF_DIR) -> list[str]:
     """Overrides that compose conf/ into `params`: each group's choice (its `name`), then every
     value that differs from that composition. For a params.yaml that DVC wrote, which keeps no
     record of the overrides it was composed with."""
+    # A group whose choice is recorded in params.yaml: its section's `name` is one of its files.
     choices = [
         f"{group}={params[group]['name']}"
-        for group in GROUPS_WITH_NAMES
-        if isinstance(params.get(group), dict) and isinstance(params[group].get("name"), str)
+        for group, options in group_choices(conf_dir).items()
+        if isinstance(params.get(group), dict) and params[group].get("name") in options
     ]
     base = _leaves(compose(choices, conf_dir))
     actual = _leaves(params)

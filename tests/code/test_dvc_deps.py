@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imgclf.data import watch
 from tests.conftest import REPO
 
 SRC = REPO / "src"
@@ -76,16 +77,6 @@ def has_code(path: Path) -> bool:
     return any(not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)) for node in body)
 
 
-def listed_code(stage: dict) -> set[Path]:
-    """The .py files that a stage's deps name under src/ and pipelines/ (a folder: all its files)."""
-    files: set[Path] = set()
-    for dep in stage.get("deps", []):
-        path = REPO / dep
-        if dep.startswith(("src/", "pipelines/")):
-            files |= set(path.rglob("*.py")) if path.is_dir() else {path}
-    return files
-
-
 def script_of(stage: dict) -> Path:
     words = stage["cmd"].split()
     assert words[:2] == ["python", words[1]] and words[1].startswith("pipelines/"), stage["cmd"]
@@ -96,7 +87,7 @@ def script_of(stage: dict) -> Path:
 def test_stage_deps_are_exactly_the_code_it_runs(name):
     stage = STAGES[name]
     run = {path for path in files_run(script_of(stage)) if has_code(path)}
-    listed = listed_code(stage)
+    listed = set(watch.code_deps(REPO, name))  # what download's fast path also reads
     rel = lambda paths: sorted(str(p.relative_to(REPO)) for p in paths)  # noqa: E731
     assert rel(run - listed) == [], f"stage {name} runs these files but dvc.yaml does not list them"
     assert rel(listed - files_run(script_of(stage))) == [], f"stage {name} lists files it does not run"
