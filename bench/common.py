@@ -6,6 +6,8 @@ import operator
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,6 +71,65 @@ def repo_copy(keep: bool = False) -> Iterator[Path]:
             print(f"kept the copy at {folder}")
         else:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SERVER_START_S = 120  # it answers /health after 15-30 s on 2 cores; more under a busy test run
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]:
+    """A real `mlflow server` on a free 127.0.0.1 port, artifacts proxied into `folder`; yields its URL.
+
+    What a team runs (`make server`): one worker, no job runner (half the memory), in its own
+    process group, which is killed as a whole afterwards.
+    """
+    import urllib.request
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    backend_uri = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [
+        str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", backend_uri, "--artifacts-destination", (folder / "artifacts").as_uri(),
+    ]  # fmt: skip
+    log = (folder / "server.log").open("wb")
+    process = subprocess.Popen(
+        cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = (folder / "server.log").read_text(errors="replace")[-2000:]
+                raise BenchError(f"mlflow server on {url} did not answer /health:\n{tail}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
 
 
 def git_commit(folder: Path, message: str) -> None:

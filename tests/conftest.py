@@ -170,3 +170,12 @@ def model_path(digits_network, tmp_path_factory) -> Path:
 def crop_model_path(digits_network, tmp_path_factory) -> Path:
     """The same network, exported to centre-crop an image to its 8x8 input."""
     return export_model(digits_network, tmp_path_factory.mktemp("crop-models"), "crop")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """One real `mlflow server` for the whole test session (it takes 15-30 s to start); its URL."""
+    from bench.common import mlflow_server as server
+
+    with server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url

@@ -176,6 +176,25 @@ class RegistryConfig(Section):
     model_name: Annotated[str, Field(min_length=1)]
 
 
+Share = Annotated[float, Field(ge=0, le=1)]
+
+
+class PromoteConfig(Section):
+    """The gates of `imgclf promote` (conf/promote/); read by no pipeline stage."""
+
+    name: Annotated[str, Field(min_length=1)]  # the conf/promote/ file it came from
+    metric: Literal["accuracy", "macro_f1"]
+    min_value: Share
+    min_improvement: Annotated[float, Field(ge=-1, le=1)]
+    max_class_recall_drop: Share
+    max_latency_ms_p99: PositiveFloat
+    max_parity_diff: PositiveFloat
+    require_clean_commit: bool
+    allow_duplicates: bool
+    lock_timeout_s: Annotated[float, Field(ge=0)]
+    lock_expiry_s: PositiveFloat
+
+
 class Config(Section):
     seed: Annotated[int, Field(ge=0)]
     data: DataChoice
@@ -185,6 +204,7 @@ class Config(Section):
     evaluate: EvaluateConfig
     tracking: TrackingConfig
     registry: RegistryConfig
+    promote: PromoteConfig
 
 
 def validate(raw: Any) -> Config:

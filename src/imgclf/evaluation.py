@@ -7,6 +7,7 @@ precision and recall) and speed (batch-1 latency, large-batch throughput).
 import csv
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,6 +18,13 @@ from imgclf.fileio import atomic_path, read_json, write_json
 from imgclf.runtime import inference_session, predict_probabilities
 
 PER_CLASS = "per_class.csv"  # in the plots folder
+
+
+class Scores(NamedTuple):
+    metrics: dict  # metrics/eval.json's headline numbers
+    per_class: list[dict]  # plots/per_class.csv's rows
+    labels: np.ndarray
+    predicted: np.ndarray
 
 
 def quality(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> tuple[dict, list[dict]]:
@@ -122,13 +130,23 @@ def evaluate(
         return _evaluate(config, model_path, data_dir, metrics_out, plots_dir, run_id)
 
 
-def _evaluate(config, model_path, data_dir, metrics_out: Path, plots_dir: Path, run_id: str | None) -> dict:
+def score(model_path: Path, data_dir: Path, latency_runs: int, throughput_batch: int) -> Scores:
+    """The test split's quality and speed for one ONNX model: the evaluate stage's numbers, also
+    used to score the champion on a challenger's split (imgclf.promotion)."""
     classes = list(load_card(data_dir).classes)
     images, labels = load_split(data_dir, "test")
     session = inference_session(model_path)
     predicted = predict_probabilities(session, images).argmax(axis=1)
     metrics, per_class = quality(labels, predicted, classes)
-    metrics |= speed(session, images, config.evaluate.latency_runs, config.evaluate.throughput_batch)
+    metrics |= speed(session, images, latency_runs, throughput_batch)
+    return Scores(metrics, per_class, labels, predicted)
+
+
+def _evaluate(config, model_path, data_dir, metrics_out: Path, plots_dir: Path, run_id: str | None) -> dict:
+    classes = list(load_card(data_dir).classes)
+    metrics, per_class, labels, predicted = score(
+        model_path, data_dir, config.evaluate.latency_runs, config.evaluate.throughput_batch
+    )
     write_json(metrics_out, metrics)
     per_class_csv = plots_dir / PER_CLASS
     write_per_class(per_class, per_class_csv)

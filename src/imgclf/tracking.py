@@ -106,12 +106,13 @@ def start_run(config: Config, tags: dict[str, str]) -> str:
     return run.info.run_id
 
 
-def experiment_id(config: Config) -> str:
-    """The id of `tracking.experiment`, created on first use (by whichever process comes first)."""
+def experiment_id(config: Config, name: str | None = None) -> str:
+    """The id of experiment `name` (default `tracking.experiment`), created on first use (by
+    whichever process comes first)."""
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client(config)
-    name = config.tracking.experiment
+    name = name or config.tracking.experiment
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
         # Beside a sqlite store, artifacts go to <store folder>/mlartifacts: an absolute place, where
@@ -128,7 +129,7 @@ def experiment_id(config: Config) -> str:
     if experiment.lifecycle_stage != "active":
         raise ImgclfError(
             f"MLflow experiment {name!r} is deleted in {tracking_uri(config)}: restore it in the MLflow "
-            "UI, or set tracking.experiment to another name"
+            "UI, or set tracking.experiment (registry.model_name for the registry's history) to another name"
         )
     if experiment.tags.get("mlflow.experimentKind") is None:
         for key, value in EXPERIMENT_TAGS.items():
