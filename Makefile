@@ -7,7 +7,8 @@ PLOTS_PAGE := .dvc/plots/index.html
 VEGA := .dvc/plots/node_modules
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lint format ui serve bench clean browser-deps
+.PHONY: install run test lint format ui serve bench clean browser-deps server \
+	register gate challenger champion rollback metrics-diff
 
 install: $(VENV)/.installed $(PLOTS_PAGE)
 
@@ -38,6 +39,8 @@ run: install
 lint: install
 	ruff check .
 	ruff format --check .
+	actionlint
+	zizmor --offline --persona auditor .github/workflows
 
 format: install
 	ruff check --fix .
@@ -58,12 +61,54 @@ browser-deps:
 	else echo "browser-deps: install chromium and chromedriver for the web page's browser test"; fi
 
 ui: install
+	@python -m imgclf.summary --ui http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # The pipeline's model: HTTP API and web page on http://127.0.0.1:8000/ (IMGCLF_TOKEN=... for a token).
 serve: install
 	@test -f models/model.onnx || { echo "make serve: no models/model.onnx; run \`make run\` first" >&2; exit 2; }
 	imgclf serve --model models/model.onnx
+
+# --- The registry: what .github/workflows/promote.yml runs, one target per step ----------------
+# Inputs come from the environment (never interpolated by a workflow): VERSION, EXPECT_CHAMPION,
+# REASON, TO; GITHUB_OUTPUT and GITHUB_STEP_SUMMARY when set. MLFLOW_TRACKING_URI names the store.
+OUTPUTS = $${GITHUB_OUTPUT:+--outputs "$$GITHUB_OUTPUT"}
+REPORT = $${GITHUB_STEP_SUMMARY:+--report "$$GITHUB_STEP_SUMMARY"}
+
+# The evaluated models/model.onnx becomes a version of registry.model_name (once per file).
+register: install
+	imgclf register $(OUTPUTS)
+
+# The gates, changing nothing: on a pull request, before anything is registered.
+gate: install
+	imgclf promote --dry-run $(REPORT)
+
+# Gate the registered version; on a pass it becomes `challenger`, waiting for approval.
+challenger: install
+	imgclf promote --to challenger --reason "$${REASON:-gates passed}" $(REPORT) $(OUTPUTS)
+
+# The approved challenger becomes `champion`, unless the champion moved since it was gated (exit 3).
+champion: install
+	@test -n "$$VERSION" || { echo "make champion: set VERSION (the challenger's version)" >&2; exit 2; }
+	imgclf promote --version "$$VERSION" --to champion --expect-champion "$${EXPECT_CHAMPION:-none}" \
+		--reason "$${REASON:-approved}" $(REPORT) $(OUTPUTS)
+
+rollback: install
+	@test -n "$$REASON" || { echo "make rollback: set REASON (why the champion goes back)" >&2; exit 2; }
+	imgclf rollback --to "$${TO:-previous}" --reason "$$REASON" $(REPORT)
+
+# This work tree's metrics against BASE (a git revision, default main), as a markdown table.
+metrics-diff: install
+	{ echo "### Metrics against $${BASE:-main}"; dvc metrics diff "$${BASE:-main}" --md; } | tee -a "$${GITHUB_STEP_SUMMARY:-/dev/null}"
+
+# A tracking and registry server for a team or CI (a runner's own mlflow.db starts empty): sqlite
+# and artifacts under ./mlflow-server, proxied, so clients need only MLFLOW_TRACKING_URI=http://HOST:PORT.
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5001
+server: install
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host $(SERVER_HOST) --port $(SERVER_PORT) \
+		--workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db \
+		--artifacts-destination $(CURDIR)/mlflow-server/artifacts
 
 bench: install
 	python bench/run_all.py

@@ -21,6 +21,8 @@ BENCHMARKS = [
     "imagefolder",
     "mnist_recipe",
     "serving",
+    "serving_swap",
+    "registry",
 ]
 
 

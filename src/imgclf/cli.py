@@ -105,6 +105,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     token = args.token if args.token is not None else os.environ.get("IMGCLF_TOKEN")
     max_body_bytes = DEFAULT_MAX_BODY_BYTES if args.max_body_mb is None else int(args.max_body_mb * MIB)
+    refresh = server.DEFAULT_REFRESH_S if args.refresh is None else args.refresh
+    if not 0 <= refresh < float("inf"):
+        raise ConfigError(f"--refresh {args.refresh}: expected seconds, a number >= 0 (0: never)")
     server.serve(
         args.model,
         host=args.host,
@@ -114,7 +117,135 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=max_body_bytes,
         max_pixels=round(args.max_megapixels * 1e6),
         access_log=args.access_log,
+        refresh=refresh,
     )
+
+
+def registry_config(overrides: list[str]):
+    """params.yaml's config, with `promote.*` OVERRIDEs (or `promote=CHOICE`) applied over it."""
+    from imgclf import config
+    from imgclf.store import repo_root
+
+    params = repo_root() / config.PARAMS_FILE
+    if not overrides:
+        return config.load_params(params)
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key != "promote" and not key.startswith("promote."):
+            raise ConfigError(
+                f"{override}: only the gates can be changed here (promote.KEY=VALUE or promote=CHOICE); "
+                "other keys are the pipeline's: `imgclf params` and `dvc repro`"
+            )
+    conf_dir = repo_root() / config.CONF_DIR
+    composed = config.compose(config.params_overrides(conf_dir, params) + overrides, conf_dir)
+    return config.validate(composed)
+
+
+def append_outputs(path: str | None, text: str) -> None:
+    """Append `name=value` lines to FILE ($GITHUB_OUTPUT in a workflow)."""
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from imgclf import promotion
+    from imgclf.store import repo_root
+
+    config = registry_config([])
+    version, created = promotion.register(config, repo_root())
+    name = config.registry.model_name
+    if created:
+        print(f"registered models/model.onnx as {name} version {version}")
+    else:
+        print(f"models/model.onnx is already {name} version {version}: nothing to do")
+    append_outputs(args.outputs, f"version={version}\ncreated={str(created).lower()}\n")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from imgclf import promotion
+    from imgclf.store import repo_root
+
+    config = registry_config(args.overrides)
+    outcome = promotion.promote(
+        config,
+        repo_root(),
+        version=args.version,
+        to=args.to,
+        expect_champion=args.expect_champion,
+        dry_run=args.dry_run,
+        reason=args.reason or ("gates passed" if args.to == "challenger" else "promoted"),
+        report=Path(args.report) if args.report else None,
+    )
+    append_outputs(args.outputs, outcome.outputs())
+    if not outcome.passed:
+        what = "would not move" if args.dry_run else "did not move"
+        raise promotion.GateFailed(
+            f"{'version ' + outcome.version if outcome.version else 'models/model.onnx'} failed its gates: "
+            f"{args.to} {what}"
+        )
+    print(outcome.message)
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from imgclf import promotion
+
+    message = promotion.rollback(registry_config([]), args.to, args.reason)
+    print(message)
+    if args.report:
+        with open(args.report, "a", encoding="utf-8") as f:
+            f.write(f"### Rollback\n\n{message}: {args.reason}\n\n")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    import json
+
+    from imgclf import promotion
+    from imgclf.registry import Registry
+
+    config = registry_config([])
+    if args.history:
+        rows = Registry(config).history()
+        columns = ("at", "actor", "action", "alias", "version", "replaced", "moved", "reason", "ci_run")
+    else:
+        rows = promotion.model_rows(config)
+        columns = (
+            "version",
+            "aliases",
+            config.promote.metric,
+            "latency_ms_p99_b1",
+            "gate",
+            "commit",
+            "registered",
+        )
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    if not rows:
+        what = "no alias has moved yet" if args.history else "no version is registered yet"
+        print(f"{config.registry.model_name}: {what} (`imgclf register` after `dvc repro`)")
+        return
+    print_table(columns, rows)
+
+
+def print_table(columns: tuple[str, ...], rows: list[dict]) -> None:
+    def cell(value) -> str:
+        if isinstance(value, list):
+            return ",".join(value)
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    def short(column: str, value) -> str:
+        return cell(value)[:12] if column == "commit" else cell(value)
+
+    table = [list(columns)] + [[short(c, row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip())
 
 
 def positive_int(text: str) -> int:
@@ -201,8 +332,103 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest image, megapixels (default %(default)g; 400 above)",
     )
     serve.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts)")
+    serve.add_argument(
+        "--refresh",
+        type=float,
+        metavar="SECONDS",
+        help="for MODEL models:/<name>@<alias>: re-resolve the alias every SECONDS and swap to its new "
+        "version without a restart (default 30; 0: never); ignored for a file or models:/<name>/<version>",
+    )
     serve.set_defaults(handler=cmd_serve)
+    add_registry_commands(commands)
     return parser
+
+
+REGISTRY_EPILOG = """\
+The store is MLFLOW_TRACKING_URI, else params.yaml's tracking.uri, else the repo's mlflow.db.
+Exit codes: 0 done or nothing to do, 1 a gate failed, 2 usage or configuration error,
+3 conflict (another promotion holds the lock, or the champion moved): run again."""
+
+
+def add_registry_commands(commands) -> None:
+    def command(name: str, help: str, description: str):
+        return commands.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=REGISTRY_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    outputs_help = "append name=value lines to FILE (in a workflow: $GITHUB_OUTPUT)"
+    report_help = "append the gate table to FILE as markdown (in a workflow: $GITHUB_STEP_SUMMARY)"
+    register = command(
+        "register",
+        "make the evaluated models/model.onnx a version of registry.model_name",
+        "Make models/model.onnx, as `dvc repro` last evaluated it, a version of registry.model_name,\n"
+        "with what the gates need as tags (metrics, data hashes, commit, parity). The same file\n"
+        "(by SHA-256) never makes a second version.",
+    )
+    register.add_argument("--outputs", metavar="FILE", help=outputs_help + ": version=N, created=true|false")
+    register.set_defaults(handler=cmd_register)
+
+    promote = command(
+        "promote",
+        "gate a version against the champion; on a pass move the aliases",
+        "Gate a version against the champion, on the same test split, with the `promote` config\n"
+        "group's gates; on a pass point the alias at it (`--to champion`: previous <- the old\n"
+        "champion, champion <- the version).\n\n"
+        "examples:\n"
+        "  imgclf promote --dry-run                      the gates for the evaluated model\n"
+        "  imgclf promote --to challenger                gate it, then alias it challenger\n"
+        "  imgclf promote --version 4 --expect-champion 3  approve version 4, unless the champion moved\n"
+        "  imgclf promote promote.min_improvement=0.01   a stricter gate, this once",
+    )
+    promote.add_argument(
+        "overrides", nargs="*", metavar="OVERRIDE", help="promote.KEY=VALUE or promote=CHOICE"
+    )
+    promote.add_argument(
+        "--version",
+        metavar="N",
+        help="the version to gate (default: the one registered from models/model.onnx)",
+    )
+    promote.add_argument(
+        "--to", choices=("challenger", "champion"), default="champion", help="the alias to move"
+    )
+    promote.add_argument(
+        "--expect-champion",
+        metavar="V",
+        help="exit 3 unless the champion is still version V (`none`: there is none): an approval "
+        "given for one champion never silently replaces a newer one",
+    )
+    promote.add_argument("--dry-run", action="store_true", help="print the gates; change nothing")
+    promote.add_argument("--reason", metavar="TEXT", help="why, for the history")
+    promote.add_argument("--report", metavar="FILE", help=report_help)
+    promote.add_argument(
+        "--outputs", metavar="FILE", help=outputs_help + ": version, champion, passed, approve"
+    )
+    promote.set_defaults(handler=cmd_promote)
+
+    rollback = command(
+        "rollback",
+        "point champion back at previous (or a version)",
+        "Point `champion` back at `previous` (or at version N) and `previous` at the champion it\n"
+        "replaces: a second rollback undoes the first.",
+    )
+    rollback.add_argument("--to", default="previous", metavar="previous|N", help="default: previous")
+    rollback.add_argument("--reason", required=True, metavar="TEXT", help="why, for the history (required)")
+    rollback.add_argument("--report", metavar="FILE", help="append a line to FILE (markdown)")
+    rollback.set_defaults(handler=cmd_rollback)
+
+    models = command(
+        "models",
+        "list the registered versions, or the history of alias moves",
+        "The versions of registry.model_name with their aliases, metric, latency, gate result and\n"
+        "commit; with --history, who moved which alias, when and why.",
+    )
+    models.add_argument("--json", action="store_true", help="one JSON object per line")
+    models.add_argument("--history", action="store_true", help="the alias moves, oldest first")
+    models.set_defaults(handler=cmd_models)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -194,6 +194,7 @@ def register(config: Config, root: Path) -> tuple[str, bool]:
     outputs = Outputs.of_pipeline(root)
     evidence = Evidence.from_outputs(outputs)
     registry = Registry(config)
+    registry.require_shared_store()
     with registry.lock("register"):
         existing = registry.find(evidence.sha256)
         if existing is not None:
@@ -502,22 +503,12 @@ def champion_evidence(registry: Registry, version: str, challenger: Evidence, ro
 
 
 def _score_registered(registry: Registry, version: str, data_dir: Path):
-    import mlflow.artifacts
-
     from imgclf.evaluation import score
 
     with tempfile.TemporaryDirectory(prefix="imgclf-champion-") as tmp:
-        folder = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{registry.name}/{version}",
-            dst_path=tmp,
-            tracking_uri=registry.uri,
-            registry_uri=registry.uri,
-        )
-        onnx_files = sorted(Path(folder).rglob("*.onnx"))
-        if not onnx_files:
-            raise RegistryError(f"version {version} holds no .onnx file: it cannot be scored")
+        onnx_file = registry.download_onnx(version, Path(tmp))
         evaluate = registry.config.evaluate
-        return score(onnx_files[0], data_dir, evaluate.latency_runs, evaluate.throughput_batch)
+        return score(onnx_file, data_dir, evaluate.latency_runs, evaluate.throughput_batch)
 
 
 @dataclass(frozen=True)
@@ -552,6 +543,7 @@ def promote(
     registry = Registry(config)
     if dry_run:
         return _promote(registry, root, version, to, expect_champion, True, reason, report)
+    registry.require_shared_store()
     with registry.lock(f"promote --to {to}"):
         return _promote(registry, root, version, to, expect_champion, False, reason, report)
 
@@ -636,6 +628,7 @@ def _recorded_gates(config: Config, chosen: Candidate, champion: str | None) -> 
 def rollback(config: Config, to: str, reason: str) -> str:
     """Point `champion` at `previous` (or version `to`), and `previous` at the old champion."""
     registry = Registry(config)
+    registry.require_shared_store()
     with registry.lock("rollback"):
         aliases = registry.aliases()
         champion = aliases.get("champion")

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from imgclf import tracking
 from imgclf.config import Config
@@ -88,6 +89,14 @@ class Registry:
         self.client = tracking.client(config)
         self.MlflowException = MlflowException
 
+    def require_shared_store(self) -> None:
+        """Refuse to write a registry that dies with a CI runner: its own sqlite file."""
+        if os.environ.get("GITHUB_ACTIONS") == "true" and self.uri.startswith("sqlite:"):
+            raise RegistryError(
+                f"the store is {self.uri}, a file on this runner, gone when the job ends: set the "
+                "repository variable MLFLOW_TRACKING_URI to the team's MLflow server (README, Promoting)"
+            )
+
     # --- reading ---------------------------------------------------------------------------
 
     def exists(self) -> bool:
@@ -124,6 +133,21 @@ class Registry:
         query = f"name = '{self._quoted()}' and tags.`{TAG}sha256` = '{sha256}'"
         found = self.client.search_model_versions(query)
         return min(found, key=lambda version: int(version.version)) if found else None
+
+    def download_onnx(self, version: str, folder: Path) -> Path:
+        """Version `version`'s ONNX file, downloaded into `folder`."""
+        import mlflow.artifacts
+
+        # Resolved here rather than as models:/<name>/<version>: MLflow resolves that form against
+        # the process-wide registry URI, not the one it is given.
+        uri = self.client.get_model_version_download_uri(self.name, version)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(folder), tracking_uri=self.uri
+        )
+        found = sorted(Path(local).rglob("*.onnx")) if Path(local).is_dir() else [Path(local)]
+        if not found or found[0].suffix != ".onnx":
+            raise RegistryError(f"version {version} of {self.name!r} holds no .onnx file")
+        return found[0]
 
     def history(self) -> list[dict]:
         """Every recorded move, oldest first."""

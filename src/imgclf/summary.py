@@ -1,5 +1,8 @@
-"""What `make run` prints at the end: the test accuracy, where the model is, how to look closer."""
+"""What `make run` prints at the end: the test accuracy, where the model is, how to look closer;
+and what `make ui` prints first: where in the MLflow UI the runs, models and their history are."""
 
+import os
+import sys
 from pathlib import Path
 
 from imgclf.errors import ImgclfError, run_or_exit
@@ -25,8 +28,53 @@ def summary(root: Path = Path()) -> str:
             "  browse runs     make ui   ->  http://127.0.0.1:5000",
             "  metrics, plots  dvc metrics show; dvc plots show",
             "  serve it        make serve  ->  http://127.0.0.1:8000",
+            "  register it     imgclf register; imgclf promote   (README: Promoting models)",
         ]
     )
+
+
+def ui_guide(url: str, root: Path = Path()) -> str:
+    """Links into the MLflow UI (it opens on a GenAI overview otherwise): the pipeline's runs,
+    the registered model, and the registry's history."""
+    from imgclf.config import load_params
+    from imgclf.store import resolve_tracking_uri
+
+    config = load_params(root / "params.yaml")
+    uri = resolve_tracking_uri(config.tracking.uri)
+    name = config.registry.model_name
+    lines = [f"MLflow UI on {url} for {uri} (Ctrl-C stops it)"]
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return "\n".join([*lines, "  no store yet: `make run` first"])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for label, experiment, what in (
+        ("runs   ", config.tracking.experiment, "one run per pipeline execution"),
+        ("history", f"{name} registry", "who moved which alias, when and why"),
+    ):
+        found = client.get_experiment_by_name(experiment)
+        where = f"{url}/#/experiments/{found.experiment_id}" if found else "(none yet)"
+        lines.append(f"  {label}  {where}   experiment {experiment!r}: {what}")
+    lines.insert(
+        2, f"  models   {url}/#/models/{name}   versions, aliases, the model card (`imgclf register`)"
+    )
+    return "\n".join(lines)
+
+
+def append_step_summary(text: str) -> None:
+    """In GitHub Actions, the summary goes to the job's page too."""
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
+            f.write(f"### Pipeline\n\n```\n{text.strip()}\n```\n\n")
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--ui"]:
+        print(ui_guide(sys.argv[2]))
+        return
+    text = summary()
+    print(text)
+    append_step_summary(text)
 
 
 def run_line(run_id: str, uri: str) -> str:
@@ -53,4 +101,4 @@ def run_exists(run_id: str, uri: str) -> bool:
 
 
 if __name__ == "__main__":
-    run_or_exit(lambda: print(summary()))
+    run_or_exit(main)

@@ -6,6 +6,10 @@ and FastAPI's /docs. With a token, /v1/* need `Authorization: Bearer <token>`; t
 
 Every answer to bad input is a 4xx with a JSON `detail`; an unexpected failure is a 500 with a
 JSON `detail` and no traceback (the traceback goes to the server's log).
+
+The model may be swapped while serving (serving.follow): every route reads `live.model` once and
+uses that model to the end of the request. /v1/predict says which version answered in the
+`X-Model-Version` header.
 """
 
 import contextlib
@@ -26,6 +30,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgclf.images import BadImage, image_size
+from imgclf.serving.follow import LiveModel
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from imgclf.serving.metrics import Metrics, MetricsMiddleware
 from imgclf.serving.model import ServedModel
@@ -39,6 +44,7 @@ FULL_SIZE_IMAGES_PER_REQUEST = 4
 # Decodes in flight at once, across all requests: each may hold a full-size image in memory.
 DECODES_AT_ONCE = os.cpu_count() or 1
 PART_TYPES = ("application/octet-stream", "")  # besides image/*: what clients send when unsure
+VERSION_HEADER = "X-Model-Version"  # on /v1/predict answers: the version that computed them
 log = logging.getLogger("imgclf.serving")
 
 
@@ -84,19 +90,23 @@ ERRORS = {
 
 
 def create_app(
-    model: ServedModel,
+    model: ServedModel | LiveModel,
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     decodes_at_once: int = DECODES_AT_ONCE,
 ) -> ASGIApp:
     """The ASGI app: metrics around the request guard around the FastAPI routes."""
-    metrics = Metrics(model.name, model.version)
+    live = model if isinstance(model, LiveModel) else LiveModel(model)
+    metrics = Metrics(live)
     decode_slots = threading.BoundedSemaphore(decodes_at_once)
-    max_request_pixels = FULL_SIZE_IMAGES_PER_REQUEST * model.max_pixels
+    max_pixels = live.model.max_pixels  # the server's setting: the same for every version
+    max_request_pixels = FULL_SIZE_IMAGES_PER_REQUEST * max_pixels
+    following = f", following `{live.registry.uri}`" if live.following else ""
+    description = f"Image classifier `{live.model.name}`{following}. GET /v1/model: the version served now."
     api = FastAPI(
         title="imgclf",
         version=importlib.metadata.version("imgclf"),  # pyproject.toml's
-        description=f"Image classifier `{model.name}` version `{model.version}`.",
+        description=description,
         max_body_size=max_body_bytes,
         form_limits={"max_files": MAX_FILES, "max_fields": MAX_FILES},
     )
@@ -110,13 +120,14 @@ def create_app(
 
     @api.get("/v1/model", response_model=ModelCard, dependencies=secured, responses=ERRORS, tags=["model"])
     def model_card() -> dict:
-        """Classes, input spec, version and lineage of the served model."""
-        return model.describe()
+        """Classes, input spec, version and lineage of the model served now."""
+        return live.model.describe()
 
     @api.post(
         "/v1/predict", response_model=Predictions, dependencies=secured, responses=ERRORS, tags=["model"]
     )
     def predict(
+        response: Response,
         file: Annotated[
             list[UploadFile], File(min_length=1, description="one or more image files (PNG, JPEG, ...)")
         ],
@@ -127,12 +138,13 @@ def create_app(
         A plain `def`: FastAPI runs it in its thread pool, so decoding and inference never block
         the event loop (ONNX Runtime releases the GIL while it runs).
         """
+        model = live.model  # once: a swap during this request does not change its model
         names = [upload.filename or "" for upload in file]
         uploads = [(name, _read(upload, name)) for upload, name in zip(file, names, strict=True)]
         pixels = 0
         for name, data in uploads:  # every header before any decoding: a refusal costs little
             with _bad_image_is_400(name):
-                width, height = image_size(data, model.max_pixels)
+                width, height = image_size(data, max_pixels)
             pixels += width * height
         if pixels > max_request_pixels:
             raise HTTPException(
@@ -150,6 +162,7 @@ def create_app(
         ]
         for answer in answers:
             metrics.predictions.labels(answer["label"]).inc()
+        response.headers[VERSION_HEADER] = model.version
         return {"predictions": answers}
 
     @api.get("/metrics", include_in_schema=False)

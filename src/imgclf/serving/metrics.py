@@ -1,4 +1,5 @@
-"""Prometheus metrics of the HTTP API: requests by route and status, latency, predictions per class.
+"""Prometheus metrics of the HTTP API: requests by route and status, latency, predictions per class,
+and the served model: its version now, swaps to a new version, versions refused, failed polls.
 
 Each app has its own registry, so apps built side by side (tests) do not share counters. Routes
 are labelled by their template ("/v1/predict"), never by the raw path: a scanner probing random
@@ -6,23 +7,20 @@ URLs must not create a time series per URL.
 """
 
 import time
+from collections.abc import Iterator
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from imgclf.serving.follow import LiveModel
 
 # Latency buckets for a model that answers in about a millisecond, up to slow uploads.
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class Metrics:
-    def __init__(self, name: str, version: str):
+    def __init__(self, live: LiveModel):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "imgclf_http_requests",
@@ -40,13 +38,38 @@ class Metrics:
         self.predictions = Counter(
             "imgclf_predictions", "Predicted images by predicted class", ["label"], registry=self.registry
         )
-        info = Gauge(
-            "imgclf_model_info", "The served model (always 1)", ["name", "version"], registry=self.registry
-        )
-        info.labels(name, version).set(1)
+        self.registry.register(ServedModelCollector(live))
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ServedModelCollector:
+    """The served model as it is at each scrape: the poller swaps it without telling anyone."""
+
+    def __init__(self, live: LiveModel):
+        self.live = live
+
+    def collect(self) -> Iterator[Metric]:
+        model = self.live.model
+        info = GaugeMetricFamily(
+            "imgclf_model_info", "The model served now (1; one series)", labels=["name", "version"]
+        )
+        info.add_metric([model.name, model.version], 1)
+        yield info
+        yield CounterMetricFamily(
+            "imgclf_model_swaps", "Times a new version of the alias replaced the served one", self.live.swaps
+        )
+        yield CounterMetricFamily(
+            "imgclf_model_refused_versions",
+            "Versions of the alias refused: not loadable, or another input spec",
+            len(self.live.refused),
+        )
+        yield CounterMetricFamily(
+            "imgclf_registry_poll_failures",
+            "Polls of the alias that the store did not answer",
+            self.live.poll_failures,
+        )
 
 
 class MetricsMiddleware:

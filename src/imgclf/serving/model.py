@@ -12,7 +12,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,8 @@ class ServedModel:
     def load(cls, model: str, threads: int = 0, max_pixels: int = MAX_PIXELS) -> "ServedModel":
         """Load MODEL (a path or a models:/ URI); ModelError in one line if it cannot be served."""
         if model.startswith("models:/"):
-            return _load_registered(model, threads, max_pixels)
+            registry = Registry(model)
+            return registry.load(registry.resolve(), threads, max_pixels)
         path = Path(model)
         sidecar = _read_sidecar(path.with_suffix(".json")) if path.suffix == ".onnx" else None
         return from_file(path, model, sidecar, None, threads, max_pixels, default_name=path.stem)
@@ -192,56 +193,88 @@ def _configured_tracking_uri(params: Path) -> str | None:
     return uri if isinstance(uri, str) and uri else None
 
 
-def _load_registered(uri: str, threads: int, max_pixels: int) -> ServedModel:
-    match = REGISTRY_URI.fullmatch(uri)
-    if not match:
-        raise ModelError(f"model {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    store = tracking_uri()
-    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
-        raise ModelError(
-            f"model {uri!r}: no MLflow store at {store} (run `make run`, or set MLFLOW_TRACKING_URI)"
-        )
-    try:
-        prepare_store(store)
-    except StoreError as error:
-        raise ModelError(f"model {uri!r}: {error}") from None
-    # Progress bars would garble `imgclf predict --json` output on a terminal.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # mlflow takes seconds to import: only a registry URI pays for it.
-    import mlflow.artifacts
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+class RegistryUnavailable(ModelError):
+    """The store did not answer, or has no such alias or version: worth asking again later."""
 
-    name, alias = match["name"], match["alias"]
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
-    try:
-        if alias:
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            version = client.get_model_version(name, match["version"])
-        with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
-            folder = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version.version}",
-                dst_path=tmp,
-                tracking_uri=store,
-                registry_uri=store,
+
+class Registry:
+    """The registry a models:/ URI points into: resolve it (one call), then load a known version.
+
+    Two steps, so that a server following an alias can ask the cheap question (which version?)
+    every few seconds and pay for a download only when the answer changes. mlflow takes seconds
+    to import: only a registry URI pays for it, here.
+    """
+
+    def __init__(self, uri: str):
+        match = REGISTRY_URI.fullmatch(uri)
+        if not match:
+            raise ModelError(f"model {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        self.uri, self.name, self.alias, self.version = uri, match["name"], match["alias"], match["version"]
+        self.store = tracking_uri()
+        if self.store.startswith("sqlite:///") and not Path(self.store.removeprefix("sqlite:///")).is_file():
+            raise ModelError(
+                f"model {uri!r}: no MLflow store at {self.store} (run `make run`, or set MLFLOW_TRACKING_URI)"
             )
+        try:
+            prepare_store(self.store)
+        except StoreError as error:
+            raise ModelError(f"model {uri!r}: {error}") from None
+        # Progress bars would garble `imgclf predict --json` output on a terminal.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.store, registry_uri=self.store)
+
+    def resolve(self) -> str:
+        """The version the URI names now: one registry call; RegistryUnavailable if it fails."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if self.alias:
+                return str(self.client.get_model_version_by_alias(self.name, self.alias).version)
+            return str(self.client.get_model_version(self.name, self.version).version)
+        except MlflowException as error:
+            raise RegistryUnavailable(
+                f"model {self.uri!r}: {_one_line(error)} (store {self.store})"
+            ) from None
+
+    def load(self, version: str, threads: int, max_pixels: int) -> ServedModel:
+        """Download `version` and load it: RegistryUnavailable if the download fails, ModelError
+        if the files are not a servable model."""
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        fixed = f"models:/{self.name}/{version}"  # what errors name: the exact artifact
+        where = f"model {fixed!r}"
+        with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
+            try:
+                entry = self.client.get_model_version(self.name, version)
+                # The version's own location, not `fixed`: MLflow resolves a models:/ URI against
+                # the process-wide registry URI, whatever store it is given.
+                location = self.client.get_model_version_download_uri(self.name, version)
+                folder = mlflow.artifacts.download_artifacts(
+                    artifact_uri=location, dst_path=tmp, tracking_uri=self.store
+                )
+            except (MlflowException, OSError) as error:
+                raise RegistryUnavailable(f"{where}: {_one_line(error)} (store {self.store})") from None
             onnx_files = sorted(Path(folder).rglob("*.onnx"))
             if not onnx_files:
-                raise ModelError(f"model {uri!r}: version {version.version} holds no .onnx file")
-            sidecar = _registered_sidecar(version.run_id, tmp, store)
+                raise ModelError(f"{where}: holds no .onnx file")
+            sidecar = _registered_sidecar(entry.run_id, tmp, self.store)
             registry = {
-                "name": name,
-                "version": str(version.version),
-                "alias": alias,
-                "run_id": version.run_id,
-                "tracking_uri": store,
+                "name": self.name,
+                "version": str(version),
+                "alias": self.alias,
+                "run_id": entry.run_id,
+                "tracking_uri": self.store,
             }
             # The session has read the file (and any external data) when this returns.
-            return from_file(onnx_files[0], uri, sidecar, registry, threads, max_pixels, default_name=name)
-    except MlflowException as error:
-        message = " ".join(str(error.message).split())
-        raise ModelError(f"model {uri!r}: {message} (store {store})") from None
+            model = from_file(onnx_files[0], fixed, sidecar, registry, threads, max_pixels, self.name)
+        return replace(model, source=self.uri)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(getattr(error, "message", None) or error).split())
 
 
 def _registered_sidecar(run_id: str | None, tmp: str, store: str) -> dict | None:

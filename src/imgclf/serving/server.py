@@ -3,12 +3,19 @@
 One process is enough: predictions run in the thread pool and ONNX Runtime releases the GIL, so
 requests are classified in parallel on one shared session. uvicorn picks uvloop and httptools
 when installed (`uvicorn[standard]`), which roughly halves the per-request overhead.
+
+Served from an alias (`models:/<name>@<alias>`), the model follows it: a thread re-resolves the
+alias every `refresh` seconds and swaps in a new version (serving.follow); it stops with the server.
 """
+
+import copy
 
 from imgclf.images import MAX_PIXELS
 from imgclf.serving.app import create_app
+from imgclf.serving.follow import LiveModel
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES
-from imgclf.serving.model import ServedModel
+
+DEFAULT_REFRESH_S = 30.0  # `imgclf serve --refresh` states it in its help: keep them equal
 
 
 def serve(
@@ -20,20 +27,28 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_pixels: int = MAX_PIXELS,
     access_log: bool = False,
+    refresh: float = DEFAULT_REFRESH_S,
 ) -> None:
     import uvicorn
 
-    model = ServedModel.load(model_uri, threads=threads, max_pixels=max_pixels)
-    app = create_app(model, token=token, max_body_bytes=max_body_bytes)
+    live = LiveModel.load(model_uri, refresh, threads=threads, max_pixels=max_pixels)
+    app = create_app(live, token=token, max_body_bytes=max_body_bytes)
     auth = "bearer token required on /v1/*" if token else "no token"
     url = f"http://{host}:{port}/"
-    print(f"imgclf: serving {model.name} version {model.version} on {url} ({auth})", flush=True)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        ws="none",  # no websocket routes: skip loading a websocket implementation
-        access_log=access_log,
-        log_level="info",
-        server_header=False,
-    )
+    model = live.model
+    following = f", following {model_uri} every {refresh:g} s" if live.following else ""
+    print(f"imgclf: serving {model.name} version {model.version} on {url} ({auth}{following})", flush=True)
+    # uvicorn's own logging, plus the swaps and refusals of serving.follow, in its format.
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["imgclf.serving"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    with live:  # the poller runs while uvicorn does, and stops when it returns
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            ws="none",  # no websocket routes: skip loading a websocket implementation
+            access_log=access_log,
+            log_level="info",
+            log_config=log_config,
+            server_header=False,
+        )

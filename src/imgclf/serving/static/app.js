@@ -14,6 +14,7 @@ const state = {
   source: null, // "file" or "canvas": what Predict sends
   file: null,
   modelLoaded: false,
+  modelVersion: null, // the version the page shows; an answer from another one reloads the card
   request: 0, // increases per prediction; an older answer arriving late is dropped
   retry: null, // the prediction to run again once a token is given
 };
@@ -38,7 +39,14 @@ async function api(url, options = {}) {
     throw new AuthRequired();
   }
   if (!response.ok) throw new Error(errorText(response, body));
+  noteVersion(response.headers.get("X-Model-Version"));
   return body;
+}
+
+// `imgclf serve` following an alias swaps the model without a restart: a prediction made by
+// another version than the one shown reloads the model card, so the page never shows a stale one.
+function noteVersion(version) {
+  if (version && state.modelVersion !== null && version !== state.modelVersion) loadModel();
 }
 
 // FastAPI says why in `detail`: a string, or a list of validation errors.
@@ -69,6 +77,7 @@ function showModel(card) {
   const name = card.name || "unnamed model";
   $("model-name").textContent = name;
   $("model-version").textContent = describeVersion(card);
+  state.modelVersion = card.version == null ? null : String(card.version);
   $("model-input").textContent = describeInput(card.input);
   $("model-classes").textContent = describeClasses(card.classes);
   document.title = `imgclf · ${name}`;
