@@ -9,13 +9,14 @@ with `resize: stretch` (the model most tests serve) and with `resize: crop`.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench.common import copy_repo  # noqa: F401 (the end-to-end tests run DVC in such copies)
+from bench.common import copy_repo  # the end-to-end tests run DVC in such copies
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -173,9 +174,45 @@ def crop_model_path(digits_network, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def evaluated_pipeline(tmp_path_factory) -> tuple[Path, str]:
+    """A copy of this repo after `dvc repro` from scratch, and what DVC printed. Shared by the
+    tests that need an evaluated pipeline: copy it (shutil.copytree) before changing anything."""
+    root = copy_repo(tmp_path_factory.mktemp("evaluated") / "repo")
+    done = run(["dvc", "repro"], root)
+    return root, done.stdout
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """One real `mlflow server` for the whole test session (it takes 15-30 s to start); its URL."""
     from bench.common import mlflow_server as server
 
     with server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
+
+
+# --- a headless browser: Debian's chromium, driven by Selenium (the web page, the MLflow UI) ----
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        why = "Debian's chromium and chromium-driver are not installed (`make browser-deps`)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,1000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # A driver path given to Service: Selenium skips its manager, which would try to download one.
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()

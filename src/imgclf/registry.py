@@ -83,6 +83,8 @@ class Registry:
     def __init__(self, config: Config):
         from mlflow.exceptions import MlflowException
 
+        # Each history entry is a run: MLflow would print a "View run" link for each on a server.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.config = config
         self.name = config.registry.model_name
         self.uri = tracking.tracking_uri(config)

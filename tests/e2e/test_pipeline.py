@@ -51,10 +51,11 @@ def sha256(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = copy_repo(tmp_path_factory.mktemp("pipeline"))
-    done = run(["dvc", "repro"], root)
-    assert stages_run(done.stdout) == STAGES
+def repo(evaluated_pipeline, tmp_path_factory):
+    pristine, output = evaluated_pipeline
+    assert stages_run(output) == STAGES
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    shutil.copytree(pristine, root, symlinks=True)
     shutil.copy(root / "models/model.onnx", root.parent / "first_model.onnx")
     return root
 

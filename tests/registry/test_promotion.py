@@ -64,10 +64,22 @@ def test_register_is_idempotent_and_tags_what_the_gates_need(repos, store, tmp_p
     assert onnx_file.read_bytes() == (good / "models/model.onnx").read_bytes()
 
 
-def test_register_refuses_a_model_that_was_not_evaluated(repos, store):
+def test_register_makes_the_pipelines_logged_model_a_version(repos):
+    """Against the store the pipeline tracked into, the version is the run's own logged model."""
+    good = repos["good"]
+    own = f"sqlite:///{good / 'mlflow.db'}"
+    imgclf(good, own, "register")
+    (version,) = versions(own, model_name(good))
+    run_id = json.loads((good / "models/model.json").read_text())["lineage"]["mlflow_run_id"]
+    assert version.run_id == run_id
+    (logged,) = MlflowClient(own).get_run(run_id).outputs.model_outputs
+    assert version.source == f"models:/{logged.model_id}"
+
+
+def test_register_refuses_a_model_that_was_not_evaluated(repos, sqlite_store):
     good = repos["good"]
     (good / "models/model.onnx").write_bytes((good / "models/model.onnx").read_bytes() + b"\0")
-    done = imgclf(good, store, "register", check=False)
+    done = imgclf(good, sqlite_store, "register", check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "imgclf: error: models/model.onnx is not what the evaluate stage last measured (dvc.lock): "
@@ -146,17 +158,17 @@ def test_promote_gates_moves_aliases_and_records_who_and_why(repos, store, tmp_p
     )
 
 
-def test_challenger_then_approval_and_the_champion_check(repos, store, tmp_path):
+def test_challenger_then_approval_and_the_champion_check(repos, sqlite_store, tmp_path):
     good, weak = repos["good"], repos["weak"]
     name = model_name(good)
-    imgclf(good, store, "register")
+    imgclf(good, sqlite_store, "register")
     # A dry run of an unregistered model gates the work tree's files and changes nothing.
-    dry = imgclf(weak, store, "promote", "--dry-run", *PERMISSIVE)
+    dry = imgclf(weak, sqlite_store, "promote", "--dry-run", *PERMISSIVE)
     assert "models/model.onnx (not registered)" in dry.stdout and "dry run" in dry.stdout
-    assert len(versions(store, name)) == 1 and aliases(store, name) == {}
+    assert len(versions(sqlite_store, name)) == 1 and aliases(sqlite_store, name) == {}
 
-    imgclf(good, store, "promote", "--to", "challenger", "--outputs", str(tmp_path / "o"))
-    assert aliases(store, name) == {"challenger": "1"}
+    imgclf(good, sqlite_store, "promote", "--to", "challenger", "--outputs", str(tmp_path / "o"))
+    assert aliases(sqlite_store, name) == {"challenger": "1"}
     assert outputs(tmp_path / "o") == {
         "version": "1",
         "champion": "none",
@@ -164,47 +176,47 @@ def test_challenger_then_approval_and_the_champion_check(repos, store, tmp_path)
         "approve": "true",
     }
     # An approval given for another champion than the one there now: exit 3, nothing moves.
-    stale = imgclf(good, store, "promote", "--version", "1", "--expect-champion", "7", check=False)
+    stale = imgclf(good, sqlite_store, "promote", "--version", "1", "--expect-champion", "7", check=False)
     assert stale.returncode == 3
     assert "the champion moved: expected version 7, found none" in stale.stderr
     # The approval, on a machine without the pipeline's outputs: the recorded gates hold.
     elsewhere = tmp_path / "empty"
     elsewhere.mkdir()
     (elsewhere / "params.yaml").write_text((good / "params.yaml").read_text())
-    approved = imgclf(elsewhere, store, "promote", "--version", "1", "--expect-champion", "none")
+    approved = imgclf(elsewhere, sqlite_store, "promote", "--version", "1", "--expect-champion", "none")
     assert "passed its gates against the champion (none)" in approved.stdout
-    assert aliases(store, name) == {"champion": "1"}
+    assert aliases(sqlite_store, name) == {"champion": "1"}
 
 
-def test_a_champion_scored_on_another_split_is_scored_again(repos, store):
+def test_a_champion_scored_on_another_split_is_scored_again(repos, sqlite_store):
     good, weak = repos["good"], repos["weak"]
     name = model_name(good)
-    imgclf(good, store, "register")
-    imgclf(good, store, "promote")
-    client = MlflowClient(store, registry_uri=store)
+    imgclf(good, sqlite_store, "register")
+    imgclf(good, sqlite_store, "promote")
+    client = MlflowClient(sqlite_store, registry_uri=sqlite_store)
     client.set_model_version_tag(name, "1", "imgclf.test_sha256", "0" * 64)  # as if evaluated elsewhere
     client.set_model_version_tag(name, "1", "imgclf.metric.accuracy", "0.5")
     client.set_model_version_tag(name, "1", "imgclf.metrics", json.dumps({"accuracy": 0.5}))
-    imgclf(weak, store, "register")
-    done = imgclf(weak, store, "promote", "--dry-run", *PERMISSIVE)
+    imgclf(weak, sqlite_store, "register")
+    done = imgclf(weak, sqlite_store, "promote", "--dry-run", *PERMISSIVE)
     assert "scoring it on this one" in done.stdout
     floor = next(line for line in done.stdout.splitlines() if line.startswith("accuracy floor"))
     # Its real accuracy on this split (the same split, in truth), not the 0.5 its tags claim.
     assert floor.split()[3] == f"{json.loads((good / 'metrics/eval.json').read_text())['accuracy']:.4f}"
 
 
-def test_the_lock_times_out_and_an_expired_one_is_taken_over(repos, store):
+def test_the_lock_times_out_and_an_expired_one_is_taken_over(repos, sqlite_store):
     good = repos["good"]
     name = model_name(good)
-    client = MlflowClient(store, registry_uri=store)
+    client = MlflowClient(sqlite_store, registry_uri=sqlite_store)
     held = {"holder": "x", "actor": "someone", "purpose": "promote", "since": "now"}
     client.create_registered_model(f"{name}.lock", tags={**held, "expires": str(time.time() + 600)})
     set_param(good, "promote.lock_timeout_s", 1)
-    done = imgclf(good, store, "register", check=False)  # register takes the lock too
+    done = imgclf(good, sqlite_store, "register", check=False)  # register takes the lock too
     assert done.returncode == 3, done.stderr
     assert "is held by someone (imgclf promote" in done.stderr
     client.set_registered_model_tag(f"{name}.lock", "expires", str(time.time() - 1))
-    done = imgclf(good, store, "register")
+    done = imgclf(good, sqlite_store, "register")
     assert "taking over the registry lock that someone left" in done.stdout
     assert client.search_registered_models(f"name = '{name}.lock'") == []
 
@@ -245,3 +257,23 @@ def test_two_promotions_at_once(repos, store, expect):
         first, second = moved
         assert (first["replaced"], second["replaced"]) == ("", first["version"])
         assert aliases(store, name) == {"champion": second["version"], "previous": first["version"]}
+
+
+def test_the_mlflow_ui_shows_the_model_card_and_links_each_version_to_its_run(repos, mlflow_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    good = repos["good"]
+    name = model_name(good)
+    imgclf(good, mlflow_server, "register")
+    version = MlflowClient(mlflow_server).get_model_version(name, "1")
+    run_name = MlflowClient(mlflow_server).get_run(version.run_id).info.run_name
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"{mlflow_server}/#/models/{name}")
+    wait.until(expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "body"), "test accuracy"))
+    page = browser.find_element(By.TAG_NAME, "body").text
+    assert "champion" in page and "imgclf rollback" in page  # the aliases, explained
+    browser.get(f"{mlflow_server}/#/models/{name}/versions/1")
+    link = wait.until(expected_conditions.presence_of_element_located((By.PARTIAL_LINK_TEXT, run_name[:12])))
+    assert version.run_id in link.get_attribute("href")

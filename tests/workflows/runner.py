@@ -6,8 +6,11 @@ part of the workflow syntax that this repo's workflows use. Whatever it does not
 expression, a context, an action, a key that would change how a job runs) it refuses with
 WorkflowError instead of guessing, so a workflow that passes here does what it says on GitHub, as
 far as its `run:` steps go. Permissions, concurrency and `runs-on` have nothing to act on here.
+Caches (actions/cache) are kept in a folder that the runs of one test share, as a repository shares
+them: scoped by ref as on GitHub, so a pull request's never reach main.
 """
 
+import hashlib
 import itertools
 import os
 import re
@@ -18,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
@@ -34,12 +38,20 @@ INSTALL_INPUTS = ("requirements.lock", "pyproject.toml", ".dvc/plots/package-loc
 
 GITHUB_KEYS = {"event_name", "sha", "ref", "actor", "repository", "run_id", "server_url", "base_ref"}
 STATUS_FUNCTIONS = {"success", "failure", "always", "cancelled"}
+FUNCTIONS = STATUS_FUNCTIONS | {"hashFiles"}
 WORKFLOW_KEYS = {"name", "on", "permissions", "concurrency", "env", "jobs"}
 JOB_KEYS = {"name", "runs-on", "timeout-minutes", "permissions", "environment", "concurrency",
             "outputs", "needs", "if", "env", "steps"}  # fmt: skip
 STEP_KEYS = {"name", "id", "uses", "with", "run", "env", "if"}
 CHECKOUT_INPUTS = {"persist-credentials", "fetch-depth"}
 SETUP_PYTHON_INPUTS = {"python-version"}
+# actions/cache and its two halves; fail-on-cache-miss, lookup-only and the rest are refused.
+CACHE_INPUTS = {
+    "actions/cache": {"path", "key", "restore-keys"},
+    "actions/cache/restore": {"path", "key", "restore-keys"},
+    "actions/cache/save": {"path", "key"},
+}
+DEFAULT_BRANCH = "main"  # the repository's: every run may restore the caches saved on it
 DEFAULT_TIMEOUT_MINUTES = 360  # GitHub's
 RUN_IDS = itertools.count(int(time.time()) % 10**6 * 1000)
 
@@ -52,7 +64,7 @@ class WorkflowError(Exception):
 
 TOKEN = re.compile(
     r"\s*(?:(?P<string>'(?:[^']|'')*')|(?P<number>\d+(?:\.\d+)?)"
-    r"|(?P<op>==|!=|&&|\|\||[!().])|(?P<name>[A-Za-z_][A-Za-z0-9_-]*))"
+    r"|(?P<op>==|!=|&&|\|\||[!().,])|(?P<name>[A-Za-z_][A-Za-z0-9_-]*))"
 )
 LITERALS = {"true": True, "false": False, "null": None}
 
@@ -71,8 +83,8 @@ def tokenize(expression: str) -> list[tuple[str, str]]:
 
 
 class Parser:
-    """Recursive descent over literals, context paths, `!`, `==`, `!=`, `&&`, `||`, parentheses and
-    the status functions; the result is a small tuple tree that `evaluate_tree` walks."""
+    """Recursive descent over literals, context paths, `!`, `==`, `!=`, `&&`, `||`, parentheses, the
+    status functions and hashFiles(); the result is a small tuple tree that `evaluate_tree` walks."""
 
     def __init__(self, expression: str):
         self.expression = expression
@@ -137,11 +149,18 @@ class Parser:
         if value in LITERALS:
             return ("literal", LITERALS[value])
         if self.peek() == ("op", "("):
-            if value not in STATUS_FUNCTIONS:
+            if value not in FUNCTIONS:
                 raise WorkflowError(f"function {value}() is not supported (in {self.expression!r})")
             self.take("(")
+            if value in STATUS_FUNCTIONS:
+                self.take(")")
+                return ("status", value)
+            arguments = [self.either()]
+            while self.peek() == ("op", ","):
+                self.take()
+                arguments.append(self.either())
             self.take(")")
-            return ("status", value)
+            return ("hashFiles", *arguments)
         path = [value]
         while self.peek() == ("op", "."):
             self.take()
@@ -168,6 +187,7 @@ class Contexts:
     needs: dict[str, dict] | None = None
     steps: dict[str, dict] | None = None
     env: dict[str, str] | None = None
+    workspace: Path | None = None  # hashFiles() reads it: in a step's values only
     success: bool = True  # success(): every needed job (or every earlier step) succeeded
     failure: bool = False  # failure(): one of them failed
 
@@ -212,6 +232,10 @@ def evaluate_tree(tree, contexts: Contexts) -> object:
         return contexts.lookup(tree[1])
     if kind == "status":
         return {"success": contexts.success, "failure": contexts.failure, "always": True}.get(tree[1], False)
+    if kind == "hashFiles":
+        if contexts.workspace is None:
+            raise WorkflowError("hashFiles() is not available here (only in a step's values)")
+        return hash_files(contexts.workspace, [evaluate_tree(argument, contexts) for argument in tree[1:]])
     if kind == "!":
         return not evaluate_tree(tree[1], contexts)
     left, right = evaluate_tree(tree[1], contexts), evaluate_tree(tree[2], contexts)
@@ -226,6 +250,21 @@ def evaluate_tree(tree, contexts: Contexts) -> object:
     else:  # GitHub coerces both sides to numbers; no workflow here means that
         raise WorkflowError(f"refusing to compare {left!r} with {right!r}")
     return equal if kind == "==" else not equal
+
+
+def hash_files(workspace: Path, patterns: list) -> str:
+    """hashFiles(): a SHA-256 over the SHA-256 of each file the glob patterns match in the
+    workspace, '' when none does. Not GitHub's exact digest, only as stable; no `!` patterns."""
+    files: list[Path] = []
+    for pattern in patterns:
+        plain = isinstance(pattern, str) and pattern and not pattern.startswith(("!", "/", "~"))
+        if not plain or ".." in Path(pattern).parts:
+            raise WorkflowError(f"hashFiles({pattern!r}): only plain patterns in the workspace are supported")
+        files += sorted(path for path in workspace.glob(pattern) if path.is_file())
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(files):
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest() if files else ""
 
 
 def is_number(text: str) -> bool:
@@ -447,6 +486,7 @@ def run_workflow(
     actor: str = "imgclf-tests",
     base: str | None = None,
     only: tuple[str, ...] | None = None,
+    cache: Path | None = None,
 ) -> Run:
     """Run the jobs of workflow `path` for `event` (push, pull_request or workflow_dispatch) on the
     commit checked out in git repo `source`, each job in a fresh folder under `workdir`.
@@ -456,6 +496,8 @@ def run_workflow(
     branch checked out in `source` into its branch `base`; its jobs check out the head commit
     (GitHub's merge commit would differ only if `base` moved on). `only`: run these jobs alone
     (the others end as `unselected`), e.g. not ci.yml's `make test` from inside the tests.
+    `cache`: the repository's Actions cache (default: beside the jobs in `workdir`); runs that share
+    it see each other's saves, as the runs of one repository do.
     """
     if event not in ("push", "pull_request", "workflow_dispatch"):
         raise WorkflowError(f"unsupported event {event}")
@@ -491,7 +533,8 @@ def run_workflow(
         if only is not None and job_id not in only:
             results[job_id] = JobResult(job_id, "unselected")
             continue
-        job = Job(job_id, workflow["jobs"][job_id], github, context, dict(secrets or {}), workflow_env)
+        job = Job(job_id, workflow["jobs"][job_id], github, context, dict(secrets or {}), workflow_env,
+                  ActionsCache(cache or workdir / "actions-cache"))  # fmt: skip
         results[job_id] = job.run(source, workdir / f"{run_id}-{job_id}", results, environments)
     return Run(event, run_id, results)
 
@@ -504,6 +547,7 @@ class Job:
     workflow_context: Contexts
     secrets: dict[str, str]
     workflow_env: dict[str, str]
+    cache: "ActionsCache"
 
     def run(self, source: Path, workdir: Path, done: dict[str, JobResult], environments) -> JobResult:
         unknown = set(self.spec) - JOB_KEYS
@@ -538,6 +582,8 @@ class Job:
         temp = workdir.with_name(workdir.name + "-temp")
         temp.mkdir()
         added_env: dict[str, str] = {}  # GITHUB_ENV, and what the stand-in actions set
+        posts: list[tuple[str, object]] = []  # the actions' post steps: (name, what they do)
+        context.workspace = workdir
         deadline = time.monotonic() + 60 * self.spec.get("timeout-minutes", DEFAULT_TIMEOUT_MINUTES)
         for index, step in enumerate(self.spec["steps"]):
             unknown = set(step) - STEP_KEYS
@@ -557,8 +603,9 @@ class Job:
             else:
                 env = job_env | added_env | interpolate_all(step.get("env"), context)
                 if "uses" in step:
-                    record = use_action(step["uses"], interpolate_all(step.get("with"), context),
-                                        source, self.github["sha"], workdir, added_env, name)  # fmt: skip
+                    inputs = interpolate_all(step.get("with"), context)
+                    record = use_action(step["uses"], inputs, source, self.github, workdir, added_env,
+                                        name, self.cache, posts)  # fmt: skip
                 else:
                     record = self.run_step(name, step["run"], env, added_env, workdir, temp, index, deadline)
                     result.summary += (temp / f"summary-{index}.md").read_text(encoding="utf-8")
@@ -568,6 +615,11 @@ class Job:
                 context.steps[step["id"]] = {
                     "outputs": record.outputs, "outcome": record.outcome, "conclusion": record.outcome,
                 }  # fmt: skip
+        # Post steps, last first, each under its `post-if: success()` (the only one the stand-ins have).
+        for post_name, post in reversed(posts):
+            succeeded = all(record.outcome != "failure" for record in result.steps)
+            result.steps.append(post() if succeeded else StepResult(post_name, "skipped"))
+        context.workspace = None
         context.success = all(record.outcome != "failure" for record in result.steps)
         result.result = "success" if context.success else "failure"
         result.outputs = interpolate_all(self.spec.get("outputs"), context)
@@ -627,15 +679,18 @@ class Job:
 # --- the allowed actions: stand-ins that do here what the real ones do on GitHub ---------------
 
 
-def use_action(uses, inputs, source, sha, workdir, added_env, name) -> StepResult:
-    """actions/checkout and actions/setup-python, pinned by commit SHA; any other action is refused."""
+def use_action(uses, inputs, source, github, workdir, added_env, name, cache, posts) -> StepResult:
+    """actions/checkout, actions/setup-python and actions/cache (with its restore and save halves),
+    pinned by commit SHA; any other action is refused. `posts` gets the post steps they add."""
     action, _, ref = uses.partition("@")
     if not re.fullmatch(r"[0-9a-f]{40}", ref):
         raise WorkflowError(f"{uses}: not pinned by a full commit SHA")
     if action == "actions/checkout":
-        return checkout(inputs, source, sha, workdir, name)
+        return checkout(inputs, source, github["sha"], workdir, name)
     if action == "actions/setup-python":
         return setup_python(inputs, workdir, added_env, name)
+    if action in CACHE_INPUTS:
+        return cache_action(action, inputs, cache_scopes(github), workdir, name, cache, posts)
     raise WorkflowError(f"action {action} is not one this runner can stand in for")
 
 
@@ -679,3 +734,112 @@ def setup_python(inputs, workdir, added_env, name) -> StepResult:
         raise WorkflowError(f"`make install` would run in {workdir}:\n{done.stdout}{done.stderr}")
     added_env["PYTHONPATH"] = str(workdir / "src")
     return StepResult(name, "success", log=f"linked {VENV}; make install is up to date")
+
+
+# --- actions/cache: a repository's cache in a folder --------------------------------------------
+
+
+def cache_scopes(github: dict[str, str]) -> list[str]:
+    """The refs whose caches a run may restore, its own first: GitHub's isolation, by which a pull
+    request (refs/pull/N/merge) reads its base branch's caches but saves only into its own ref."""
+    scopes = [github["ref"]]
+    if github["base_ref"]:
+        scopes.append(f"refs/heads/{github['base_ref']}")
+    scopes.append(f"refs/heads/{DEFAULT_BRANCH}")
+    return list(dict.fromkeys(scopes))
+
+
+@dataclass
+class ActionsCache:
+    """Cache entries under `folder`/<ref>/<sha256 of the key>/: `key`, `saved` (ns) and `content`
+    (a copy of the cached path). Entries are immutable: the first save of a key in a ref wins."""
+
+    folder: Path
+
+    def entries(self, scope: str) -> list[tuple[int, str, Path]]:
+        """(saved, key, entry folder) of the complete entries saved in ref `scope`, newest first."""
+        found = []
+        for entry in (self.folder / quote(scope, safe="")).glob("[0-9a-f]*"):
+            found.append((int((entry / "saved").read_text()), (entry / "key").read_text(), entry))
+        return sorted(found, reverse=True)
+
+    def find(self, scopes: list[str], key: str, restore_keys: list[str]) -> tuple[str, Path] | None:
+        """As GitHub looks a cache up: in each ref in turn, the key exactly, then the newest entry
+        whose key starts with the key, then with each restore key in order."""
+        for scope in scopes:
+            entries = self.entries(scope)
+            exact = [entry for _, saved_key, entry in entries if saved_key == key]
+            if exact:
+                return key, exact[0]
+            for prefix in (key, *restore_keys):
+                for _, saved_key, entry in entries:
+                    if saved_key.startswith(prefix):
+                        return saved_key, entry
+        return None
+
+    def save(self, scope: str, key: str, path: Path) -> str:
+        """Copy `path` into a new entry of ref `scope`, atomically; the log line."""
+        if not path.exists():
+            return f"warning: {path} does not exist: no cache saved"
+        scope_folder = self.folder / quote(scope, safe="")
+        entry = scope_folder / hashlib.sha256(key.encode()).hexdigest()
+        if entry.exists():
+            return f"warning: a cache with key {key} exists in {scope} already: not saved"
+        scope_folder.mkdir(parents=True, exist_ok=True)
+        temp = scope_folder / f".saving-{os.getpid()}-{time.time_ns()}"
+        copy_path(path, temp / "content")
+        (temp / "key").write_text(key)
+        (temp / "saved").write_text(str(time.time_ns()))
+        temp.rename(entry)
+        return f"cache saved with key {key} in {scope}"
+
+
+def copy_path(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+    else:
+        shutil.copy2(source, target)
+
+
+def cache_action(action, inputs, scopes, workdir, name, cache: ActionsCache, posts) -> StepResult:
+    """Restore (actions/cache, actions/cache/restore) the entry of `key`, or else of the newest key
+    that starts with one of `restore-keys`, into `path`; save (actions/cache/save, and actions/cache
+    in its post step when the job succeeded and the key was not an exact hit) `path` under `key`."""
+    unknown = set(inputs) - CACHE_INPUTS[action]
+    if unknown:
+        raise WorkflowError(f"{action}: unsupported inputs {sorted(unknown)}")
+    paths = [Path(line.strip()) for line in inputs.get("path", "").splitlines() if line.strip()]
+    plain = len(paths) == 1 and not set(str(paths[0])) & set("*?[!~") and not paths[0].is_absolute()
+    if not plain or ".." in paths[0].parts:
+        raise WorkflowError(f"{action}: path {inputs.get('path')!r}: only one path in the workspace")
+    path = workdir / paths[0]
+    key = inputs.get("key", "")
+    if not key or "," in key or len(key) > 512:
+        raise WorkflowError(f"{action}: key {key!r} is empty, has a comma or is over 512 characters")
+    if action == "actions/cache/save":
+        return StepResult(name, "success", log=cache.save(scopes[0], key, path))
+    restore_keys = [line.strip() for line in inputs.get("restore-keys", "").splitlines() if line.strip()]
+    if any("," in restore_key for restore_key in restore_keys):
+        raise WorkflowError(f"{action}: a restore key has a comma: {restore_keys}")
+    found = cache.find(scopes, key, restore_keys)
+    outputs = {"cache-primary-key": key} if action == "actions/cache/restore" else {}
+    if found is None:  # cache-hit is left unset on a miss, as the action does
+        log = f"cache not found for keys {', '.join([key, *restore_keys])}"
+    else:
+        matched, entry = found
+        copy_path(entry / "content", path)
+        outputs["cache-hit"] = as_text(matched == key)
+        if action == "actions/cache/restore":
+            outputs["cache-matched-key"] = matched
+        log = f"cache restored from key {matched}"
+    if action == "actions/cache":
+        post_name = f"Post {name}"
+
+        def save() -> StepResult:
+            if found is not None and found[0] == key:
+                return StepResult(post_name, "success", log=f"cache hit on the key {key}: not saving")
+            return StepResult(post_name, "success", log=cache.save(scopes[0], key, path))
+
+        posts.append((post_name, save))
+    return StepResult(name, "success", outputs, log)

@@ -236,3 +236,85 @@ def test_checkout_and_setup_python_make_install_a_no_op_on_the_jobs_own_code(tmp
     path.write_text(CHECKOUT.format(version="3.10"))
     with pytest.raises(WorkflowError, match="python-version"):
         run_workflow(path, source, "push", tmp_path / "runs")
+
+
+CACHE = """
+on: [push, pull_request]
+jobs:
+  build:
+    runs-on: ubuntu-24.04
+    steps:
+      - uses: actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1
+      - id: cache
+        uses: actions/cache@27d5ce7f107fe9357f9df03efb73ab90386fccae
+        with:
+          path: .cache/stages
+          key: stages-${{ hashFiles('input.txt', 'absent.txt') }}
+          restore-keys: |
+            stages-
+      - id: build
+        run: |
+          mkdir -p .cache/stages
+          echo "restored=$(ls .cache/stages | tr '\\n' ' ')" >> "$GITHUB_OUTPUT"
+          cp input.txt ".cache/stages/$(cat input.txt)"
+      - run: exit "$FAIL"
+        env:
+          FAIL: ${{ vars.FAIL }}
+"""
+
+
+def commit_input(source, word: str, branch: str = "main") -> None:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
+    subprocess.run([*git, "checkout", "-q", "-B", branch], cwd=source, check=True)
+    (source / "input.txt").write_text(word)
+    subprocess.run([*git, "add", "input.txt"], cwd=source, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", word], cwd=source, check=True)
+
+
+def test_the_cache_restores_by_key_and_prefix_saves_after_success_and_keeps_refs_apart(tmp_path):
+    """actions/cache as GitHub runs it: restored before the next steps (the key exactly, else the
+    newest entry that starts with a restore key), saved in the post step of a successful job that
+    did not hit its key, and a pull request's save never restored on main."""
+    source = git_repo(tmp_path / "source")
+    path = tmp_path / "test.yml"
+    path.write_text(CACHE)
+    cache = tmp_path / "cache"
+
+    def build(word: str, event: str = "push", fail: str = "0", branch: str = "main") -> tuple[str, str]:
+        if word:
+            commit_input(source, word, branch)
+        base = "main" if event == "pull_request" else None
+        runs = tmp_path / "runs"
+        job = run_workflow(path, source, event, runs, vars={"FAIL": fail}, base=base, cache=cache).jobs["build"]
+        assert job.result == ("success" if fail == "0" else "failure"), job.log()
+        return job.step("cache").outputs.get("cache-hit", "unset"), job.step("build").outputs.get("restored")
+
+    assert build("a") == ("unset", "")  # a miss leaves cache-hit unset, as the action does
+    assert build("") == ("true", "a ")  # the same key: restored, and not saved again
+    assert build("b") == ("false", "a ")  # a restore key: the newest entry; then saved under b's key
+    assert build("c", fail="1") == ("false", "a b ")  # the post step skipped: nothing saved
+    assert build("") == ("false", "a b ")
+    assert build("d", "pull_request", branch="feature") == ("false", "a b c ")  # main's, saved in its ref
+    assert build("", "pull_request", branch="feature") == ("true", "a b c ")  # its own ref's
+    assert build("d") == ("false", "a b c ")  # on main, the pull request's save does not exist
+
+
+def test_the_cache_refuses_what_it_does_not_implement(tmp_path):
+    source = git_repo(tmp_path / "source")
+    path = tmp_path / "test.yml"
+    step = "      - uses: actions/cache@27d5ce7f107fe9357f9df03efb73ab90386fccae\n        with:\n"
+    cases = {
+        "          path: .cache\n          key: k\n          lookup-only: true\n": "unsupported inputs",
+        "          path: /tmp/x\n          key: k\n": "only one path",
+        "          path: |\n            a\n            b\n          key: k\n": "only one path",
+        "          path: .cache\n          key: k-${{ hashFiles('!a') }}\n": "hashFiles",
+        "          path: .cache\n          key: a,b\n": "comma",
+    }
+    for inputs, message in cases.items():
+        path.write_text(f"on: push\njobs:\n  a:\n    runs-on: ubuntu-24.04\n    steps:\n{step}{inputs}")
+        with pytest.raises(WorkflowError, match=message):
+            run_workflow(path, source, "push", tmp_path / "runs")
+    path.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-24.04\n    if: hashFiles('a') == ''\n"
+                    "    steps:\n      - run: true\n")  # fmt: skip
+    with pytest.raises(WorkflowError, match="not available here"):
+        run_workflow(path, source, "push", tmp_path / "runs")
