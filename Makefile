@@ -7,7 +7,7 @@ PLOTS_PAGE := .dvc/plots/index.html
 VEGA := .dvc/plots/node_modules
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lint format ui serve bench clean browser-deps server \
+.PHONY: install run test lint format ui serve bench clean browser-deps server-deps server \
 	register gate challenger champion rollback metrics-diff
 
 install: $(VENV)/.installed $(PLOTS_PAGE)
@@ -46,7 +46,7 @@ format: install
 	ruff check --fix .
 	ruff format .
 
-test: lint browser-deps
+test: lint browser-deps server-deps
 	pytest
 
 # The web page's browser test drives Debian's chromium and chromedriver (no download at test time).
@@ -59,6 +59,17 @@ browser-deps:
 		  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 		echo "browser-deps: could not install chromium and chromium-driver (root or sudo needed); the browser test will skip"; \
 	else echo "browser-deps: install chromium and chromedriver for the web page's browser test"; fi
+
+# PostgreSQL (Debian's, version 15) for the shared tracking server and Optuna studies: the tests
+# start private clusters of it on free ports (bench/common.py postgres_server). Installed once.
+server-deps:
+	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo "sudo -n"); \
+		{ $$SUDO apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 >/dev/null; } || \
+		echo "server-deps: could not install postgresql-15 (root or sudo needed); the PostgreSQL tests will skip"; \
+	else echo "server-deps: install PostgreSQL 15 for the scale-out tests"; fi
 
 ui: install
 	@python -m imgclf.summary --ui http://127.0.0.1:5000

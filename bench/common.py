@@ -132,6 +132,105 @@ def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]
         log.close()
 
 
+POSTGRES_BIN = "/usr/lib/postgresql"  # Debian's layout: /usr/lib/postgresql/<major>/bin
+
+
+@contextlib.contextmanager
+def postgres_server(database: str = "imgclf") -> Iterator[str]:
+    """A private PostgreSQL cluster on a free 127.0.0.1 port, removed afterwards; yields the URL of
+    `database` for SQLAlchemy (postgresql+psycopg2://, the driver MLflow and Optuna take).
+
+    Debian's server (`make server-deps`), started without systemd. initdb and pg_ctl refuse to
+    run as root: as root they run as the `postgres` user, in a folder of its own under /tmp.
+    """
+    versions = sorted(Path(POSTGRES_BIN).glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
+    if not versions:
+        raise BenchError(f"no PostgreSQL server under {POSTGRES_BIN}: run `make server-deps`")
+    bindir = versions[-1].parent
+    folder = Path(tempfile.mkdtemp(prefix="imgclf-postgres-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={folder} -c fsync=off"
+    try:
+        run(
+            [*as_owner, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "imgclf", "--no-sync"],
+            folder,
+        )
+        run(
+            [
+                *as_owner,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(folder / "log"),
+                "-w",
+                "start",
+            ],
+            folder,
+        )
+        if database != "postgres":
+            run(
+                [
+                    *as_owner,
+                    str(bindir / "createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-U",
+                    "imgclf",
+                    database,
+                ],
+                folder,
+            )
+        yield f"postgresql+psycopg2://imgclf@127.0.0.1:{port}/{database}"
+    finally:
+        subprocess.run(
+            [*as_owner, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            cwd=folder, capture_output=True,
+        )  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def s3_server(*buckets: str) -> Iterator[dict[str, str]]:
+    """moto's S3 server on a free 127.0.0.1 port with `buckets` created; yields the environment a
+    client needs (endpoint and the dummy credentials moto requires), as real S3 would take it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+    try:
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield env
+    finally:
+        server.stop()
+
+
 def git_commit(folder: Path, message: str) -> None:
     if not (folder / ".git").is_dir():
         run(["git", "init", "--quiet", "--initial-branch=main"], folder)

@@ -216,3 +216,36 @@ def browser():
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
+
+
+# --- servers for scaling out: PostgreSQL (Debian's, `make server-deps`) and S3 (moto) --------
+
+
+def postgres_or_skip() -> None:
+    """Skip (fail on CI) where Debian's PostgreSQL server is not installed."""
+    from bench.common import POSTGRES_BIN
+
+    if not list(Path(POSTGRES_BIN).glob("*/bin/pg_ctl")):
+        why = "PostgreSQL is not installed (`make server-deps`)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A private PostgreSQL cluster for the whole session; the URL of its `imgclf` database."""
+    from bench.common import postgres_server
+
+    postgres_or_skip()
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3() -> dict[str, str]:
+    """A moto S3 server with the bucket `imgclf` for one test: the environment a client needs."""
+    from bench.common import s3_server
+
+    with s3_server("imgclf") as env:
+        yield env
