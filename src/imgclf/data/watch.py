@@ -10,6 +10,10 @@ with the ones recorded at the last download, and stops at once when they agree: 
 stays fast, and a changed folder is picked up. An archive URL without `data.sha256` is always
 fetched again: it may change behind the same URL.
 
+That record stays on the machine that downloaded. An output that DVC put there (`dvc pull`,
+`dvc checkout`) is current too when dvc.lock says a download from the same params and code made
+it: DVC's own record, which travels with the commit.
+
 Standard library and YAML only, so the check costs no more than starting Python.
 """
 
@@ -97,10 +101,58 @@ def record_file(raw_dir: Path) -> Path:
 
 
 def is_current(raw_dir: Path, current: str) -> bool:
-    record = record_file(raw_dir)
-    if current == NEVER or not raw_dir.is_dir() or not record.is_file():
+    if current == NEVER or not raw_dir.is_dir():
         return False
-    return record.read_text(encoding="utf-8") == f"{current} {output_state(raw_dir)}"
+    recorded = record_file(raw_dir)
+    if recorded.is_file() and recorded.read_text(encoding="utf-8") == f"{current} {output_state(raw_dir)}":
+        return True
+    if not made_as_locked(raw_dir):
+        return False
+    record(raw_dir, current)  # the next check takes the fast way
+    return True
+
+
+def made_as_locked(raw_dir: Path) -> bool:
+    """Whether dvc.lock names `raw_dir`, as it is now, the output of a stage whose params and code
+    deps are as they are now. Never for a `data.path` folder: it is on one machine only."""
+    out = raw_dir.resolve()
+    root = next((folder for folder in out.parents if (folder / "dvc.yaml").is_file()), None)
+    if root is None or not (root / "dvc.lock").is_file():
+        return False
+    relpath = out.relative_to(root).as_posix()
+    locked = (yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8")) or {}).get("stages") or {}
+    stage = next((s for s in locked.values() if relpath in [o["path"] for o in s.get("outs", [])]), None)
+    if stage is None:
+        return False
+    for params_file, keys in (stage.get("params") or {}).items():
+        now = yaml.safe_load((root / params_file).read_text(encoding="utf-8")) or {}
+        if isinstance((now.get("data") or {}).get("path"), str):
+            return False
+        if any(lookup(now, key) != value for key, value in keys.items()):
+            return False
+    files = [(root / dep["path"], dep.get("md5")) for dep in stage.get("deps", [])]
+    files += [(out, o.get("md5")) for o in stage["outs"] if o["path"] == relpath]
+    return all(path.exists() and dvc_md5(path) == md5 for path, md5 in files)
+
+
+def lookup(params: dict, key: str):
+    for part in key.split("."):
+        params = params.get(part) if isinstance(params, dict) else None
+    return params
+
+
+def dvc_md5(path: Path) -> str:
+    """The hash dvc.lock gives a file or folder: a folder's is that of the sorted JSON list of its
+    files' hashes (DVC's `.dir` object). __pycache__ is not code: left out, as .dvcignore should."""
+    if path.is_file():
+        return hashlib.md5(path.read_bytes()).hexdigest()
+    entries = [
+        {"md5": dvc_md5(file), "relpath": file.relative_to(path).as_posix()}
+        for file in walk_files(path)
+        if "__pycache__" not in file.relative_to(path).parts
+    ]
+    entries.sort(key=lambda entry: entry["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
 def record(raw_dir: Path, current: str) -> None:
