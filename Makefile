@@ -8,7 +8,7 @@ VEGA := .dvc/plots/node_modules
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install run test lint format ui serve bench clean browser-deps server-deps server \
-	register gate challenger champion rollback metrics-diff
+	register gate challenger champion rollback metrics-diff team-server remote push pull
 
 install: $(VENV)/.installed $(PLOTS_PAGE)
 
@@ -120,6 +120,39 @@ server: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host $(SERVER_HOST) --port $(SERVER_PORT) \
 		--workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db \
 		--artifacts-destination $(CURDIR)/mlflow-server/artifacts
+
+# The shared tracking server for a team: runs and the registry in PostgreSQL, artifacts proxied into
+# S3 (README: Scaling out). BACKEND_URI=postgresql+psycopg2://USER@HOST:5432/DB (the password in
+# PGPASSWORD or ~/.pgpass) and ARTIFACTS_URI=s3://BUCKET/PATH come from the environment, as do the
+# server's AWS credentials (and AWS_ENDPOINT_URL_S3 for an S3-compatible store); clients need only
+# MLFLOW_TRACKING_URI=http://HOST:PORT. SERVER_HOST=0.0.0.0 to listen beyond this machine.
+team-server: install
+	@case "$$BACKEND_URI" in postgresql+psycopg2://?*) ;; \
+	"") echo "make team-server: set BACKEND_URI=postgresql+psycopg2://USER@HOST:PORT/DB" >&2; exit 2;; \
+	*) echo "make team-server: BACKEND_URI must start postgresql+psycopg2:// (the installed driver), not $${BACKEND_URI%%:*}:" >&2; exit 2;; esac
+	@case "$$ARTIFACTS_URI" in s3://?*) ;; \
+	*) echo "make team-server: set ARTIFACTS_URI=s3://BUCKET/PATH (got '$$ARTIFACTS_URI')" >&2; exit 2;; esac
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host $(SERVER_HOST) --port $(SERVER_PORT) \
+		--workers 1 --backend-store-uri "$$BACKEND_URI" --artifacts-destination "$$ARTIFACTS_URI"
+
+# --- Data and models on a DVC remote (README: Scaling out) -------------------------------------
+# URL=s3://BUCKET/PATH: the default remote; only the URL goes into .dvc/config (commit it).
+# Credentials and endpoint stay out of git: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)
+# and AWS_ENDPOINT_URL_S3 for an S3-compatible store, or `dvc remote modify --local storage ...`.
+remote: install
+	@test -n "$$URL" || { echo "make remote: set URL (e.g. URL=s3://bucket/imgclf)" >&2; exit 2; }
+	dvc remote add --default --force storage "$$URL"
+
+# Data, models and the run cache: a clone that pulls them runs no stage that already ran.
+push: install
+	dvc push --run-cache
+
+# Every clone can call it (CI does) before `make run`: without a remote there is nothing to pull,
+# and outputs nobody pushed are only warned about (DVC lists them); `dvc repro` then makes them.
+pull: install
+	@remotes=$$(dvc remote list) || exit; \
+	if test -z "$$remotes"; then echo "make pull: no DVC remote configured (make remote URL=s3://...), nothing to pull"; \
+	else echo "dvc pull --run-cache --allow-missing"; dvc pull --run-cache --allow-missing; fi
 
 bench: install
 	python bench/run_all.py

@@ -83,27 +83,35 @@ SERVER_START_S = 120  # it answers /health after 15-30 s on 2 cores; more under 
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]:
-    """A real `mlflow server` on a free 127.0.0.1 port, artifacts proxied into `folder`; yields its URL.
+def mlflow_server(
+    folder: Path,
+    backend_uri: str | None = None,
+    artifacts_uri: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """A real `mlflow server` on a free 127.0.0.1 port, artifacts proxied into `folder` (or
+    `artifacts_uri`, e.g. s3://bucket/path, with `env` holding what the server needs to reach it);
+    yields its URL.
 
-    What a team runs (`make server`): one worker, no job runner (half the memory), in its own
-    process group, which is killed as a whole afterwards.
+    What a team runs (`make server`, `make team-server`): one worker, no job runner (half the
+    memory), in its own process group, which is killed as a whole afterwards.
     """
     import urllib.request
 
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     backend_uri = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    artifacts_uri = artifacts_uri or (folder / "artifacts").as_uri()
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | (env or {})
+    server_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    server_env["PATH"] = f"{VENV_BIN}{os.pathsep}{server_env.get('PATH', '')}"
     cmd = [
         str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", backend_uri, "--artifacts-destination", (folder / "artifacts").as_uri(),
+        "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_uri,
     ]  # fmt: skip
     log = (folder / "server.log").open("wb")
     process = subprocess.Popen(
-        cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=folder, env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -23,6 +23,10 @@ BENCHMARKS = [
     "serving",
     "serving_swap",
     "registry",
+    "remote",
+    "tracking",
+    "ddp",
+    "sweep",
 ]
 
 
