@@ -751,23 +751,29 @@ def cache_scopes(github: dict[str, str]) -> list[str]:
 
 @dataclass
 class ActionsCache:
-    """Cache entries under `folder`/<ref>/<sha256 of the key>/: `key`, `saved` (ns) and `content`
-    (a copy of the cached path). Entries are immutable: the first save of a key in a ref wins."""
+    """Cache entries under `folder`/<ref>/<sha256 of path and key>/: `key`, `saved` (ns) and
+    `content` (a copy of the cached path). An entry is found only for the path it was saved from
+    (GitHub's cache version) and is immutable: the first save of a key and path in a ref wins."""
 
     folder: Path
 
-    def entries(self, scope: str) -> list[tuple[int, str, Path]]:
-        """(saved, key, entry folder) of the complete entries saved in ref `scope`, newest first."""
+    def entry(self, scope: str, path: str, key: str) -> Path:
+        return self.folder / quote(scope, safe="") / hashlib.sha256(f"{path}\n{key}".encode()).hexdigest()
+
+    def entries(self, scope: str, path: str) -> list[tuple[int, str, Path]]:
+        """(saved, key, entry folder) of the complete entries of `path` in ref `scope`, newest first."""
         found = []
         for entry in (self.folder / quote(scope, safe="")).glob("[0-9a-f]*"):
-            found.append((int((entry / "saved").read_text()), (entry / "key").read_text(), entry))
+            key = (entry / "key").read_text()
+            if entry == self.entry(scope, path, key):
+                found.append((int((entry / "saved").read_text()), key, entry))
         return sorted(found, reverse=True)
 
-    def find(self, scopes: list[str], key: str, restore_keys: list[str]) -> tuple[str, Path] | None:
-        """As GitHub looks a cache up: in each ref in turn, the key exactly, then the newest entry
-        whose key starts with the key, then with each restore key in order."""
+    def find(self, scopes: list[str], path: str, key: str, restore_keys: list[str]) -> tuple | None:
+        """(the key found, its entry folder), looked up as GitHub does: in each ref in turn, the key
+        exactly, then the newest entry whose key starts with the key, then with each restore key."""
         for scope in scopes:
-            entries = self.entries(scope)
+            entries = self.entries(scope, path)
             exact = [entry for _, saved_key, entry in entries if saved_key == key]
             if exact:
                 return key, exact[0]
@@ -777,21 +783,20 @@ class ActionsCache:
                         return saved_key, entry
         return None
 
-    def save(self, scope: str, key: str, path: Path) -> str:
-        """Copy `path` into a new entry of ref `scope`, atomically; the log line."""
-        if not path.exists():
+    def save(self, scope: str, path: str, key: str, workdir: Path) -> str:
+        """Copy `path` (in `workdir`) into a new entry of ref `scope`, atomically; the log line."""
+        if not (workdir / path).exists():
             return f"warning: {path} does not exist: no cache saved"
-        scope_folder = self.folder / quote(scope, safe="")
-        entry = scope_folder / hashlib.sha256(key.encode()).hexdigest()
+        entry = self.entry(scope, path, key)
         if entry.exists():
-            return f"warning: a cache with key {key} exists in {scope} already: not saved"
-        scope_folder.mkdir(parents=True, exist_ok=True)
-        temp = scope_folder / f".saving-{os.getpid()}-{time.time_ns()}"
-        copy_path(path, temp / "content")
+            return f"warning: a cache of {path} with key {key} exists in {scope} already: not saved"
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temp = entry.with_name(f".saving-{os.getpid()}-{time.time_ns()}")
+        copy_path(workdir / path, temp / "content")
         (temp / "key").write_text(key)
         (temp / "saved").write_text(str(time.time_ns()))
         temp.rename(entry)
-        return f"cache saved with key {key} in {scope}"
+        return f"cache of {path} saved with key {key} in {scope}"
 
 
 def copy_path(source: Path, target: Path) -> None:
@@ -813,22 +818,22 @@ def cache_action(action, inputs, scopes, workdir, name, cache: ActionsCache, pos
     plain = len(paths) == 1 and not set(str(paths[0])) & set("*?[!~") and not paths[0].is_absolute()
     if not plain or ".." in paths[0].parts:
         raise WorkflowError(f"{action}: path {inputs.get('path')!r}: only one path in the workspace")
-    path = workdir / paths[0]
+    path = str(paths[0])
     key = inputs.get("key", "")
     if not key or "," in key or len(key) > 512:
         raise WorkflowError(f"{action}: key {key!r} is empty, has a comma or is over 512 characters")
     if action == "actions/cache/save":
-        return StepResult(name, "success", log=cache.save(scopes[0], key, path))
+        return StepResult(name, "success", log=cache.save(scopes[0], path, key, workdir))
     restore_keys = [line.strip() for line in inputs.get("restore-keys", "").splitlines() if line.strip()]
     if any("," in restore_key for restore_key in restore_keys):
         raise WorkflowError(f"{action}: a restore key has a comma: {restore_keys}")
-    found = cache.find(scopes, key, restore_keys)
+    found = cache.find(scopes, path, key, restore_keys)
     outputs = {"cache-primary-key": key} if action == "actions/cache/restore" else {}
     if found is None:  # cache-hit is left unset on a miss, as the action does
         log = f"cache not found for keys {', '.join([key, *restore_keys])}"
     else:
         matched, entry = found
-        copy_path(entry / "content", path)
+        copy_path(entry / "content", workdir / path)
         outputs["cache-hit"] = as_text(matched == key)
         if action == "actions/cache/restore":
             outputs["cache-matched-key"] = matched
@@ -839,7 +844,7 @@ def cache_action(action, inputs, scopes, workdir, name, cache: ActionsCache, pos
         def save() -> StepResult:
             if found is not None and found[0] == key:
                 return StepResult(post_name, "success", log=f"cache hit on the key {key}: not saving")
-            return StepResult(post_name, "success", log=cache.save(scopes[0], key, path))
+            return StepResult(post_name, "success", log=cache.save(scopes[0], path, key, workdir))
 
         posts.append((post_name, save))
     return StepResult(name, "success", outputs, log)

@@ -3,6 +3,7 @@
 Fast (no MLflow, no pipeline): the workflows here are written for the test, in a bare git repo.
 """
 
+import hashlib
 import subprocess
 import sys
 
@@ -265,10 +266,11 @@ jobs:
 
 def commit_input(source, word: str, branch: str = "main") -> None:
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
-    subprocess.run([*git, "checkout", "-q", "-B", branch], cwd=source, check=True)
+    if subprocess.run([*git, "checkout", "-q", branch], cwd=source, capture_output=True).returncode:
+        subprocess.run([*git, "checkout", "-q", "-b", branch], cwd=source, check=True)
     (source / "input.txt").write_text(word)
     subprocess.run([*git, "add", "input.txt"], cwd=source, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", word], cwd=source, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", word], cwd=source, check=True)
 
 
 def test_the_cache_restores_by_key_and_prefix_saves_after_success_and_keeps_refs_apart(tmp_path):
@@ -284,8 +286,10 @@ def test_the_cache_restores_by_key_and_prefix_saves_after_success_and_keeps_refs
         if word:
             commit_input(source, word, branch)
         base = "main" if event == "pull_request" else None
-        runs = tmp_path / "runs"
-        job = run_workflow(path, source, event, runs, vars={"FAIL": fail}, base=base, cache=cache).jobs["build"]
+        run = run_workflow(
+            path, source, event, tmp_path / "runs", vars={"FAIL": fail}, base=base, cache=cache
+        )  # fmt: skip
+        job = run.jobs["build"]
         assert job.result == ("success" if fail == "0" else "failure"), job.log()
         return job.step("cache").outputs.get("cache-hit", "unset"), job.step("build").outputs.get("restored")
 
@@ -295,8 +299,48 @@ def test_the_cache_restores_by_key_and_prefix_saves_after_success_and_keeps_refs
     assert build("c", fail="1") == ("false", "a b ")  # the post step skipped: nothing saved
     assert build("") == ("false", "a b ")
     assert build("d", "pull_request", branch="feature") == ("false", "a b c ")  # main's, saved in its ref
-    assert build("", "pull_request", branch="feature") == ("true", "a b c ")  # its own ref's
-    assert build("d") == ("false", "a b c ")  # on main, the pull request's save does not exist
+    assert build("", "pull_request", branch="feature") == ("true", "a b c d ")  # its own ref's
+    assert build("d") == ("false", "a b c ")  # main, its input as merged: the pull request's save is not seen
+
+
+SPLIT_CACHE = """
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-24.04
+    steps:
+      - uses: actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1
+      - id: restore
+        uses: actions/cache/restore@27d5ce7f107fe9357f9df03efb73ab90386fccae
+        with:
+          path: .cache
+          key: k-${{ hashFiles('input.txt') }}
+          restore-keys: k-
+      - run: mkdir -p .cache && cp input.txt ".cache/$(cat input.txt)"
+      - if: vars.SAVE == 'yes'
+        uses: actions/cache/save@27d5ce7f107fe9357f9df03efb73ab90386fccae
+        with:
+          path: .cache
+          key: ${{ steps.restore.outputs.cache-primary-key }}
+"""
+
+
+def test_the_restore_half_never_saves_and_the_save_half_saves_where_it_is_used(tmp_path):
+    source = git_repo(tmp_path / "source")
+    path = tmp_path / "test.yml"
+    path.write_text(SPLIT_CACHE)
+
+    def build(word: str, save: str) -> dict[str, str]:
+        commit_input(source, word)
+        run = run_workflow(path, source, "push", tmp_path / "runs", vars={"SAVE": save})
+        assert run.jobs["build"].result == "success", run.jobs["build"].log()
+        return run.jobs["build"].step("restore").outputs
+
+    key = "k-" + hashlib.sha256(hashlib.sha256(b"a").digest()).hexdigest()
+    assert build("a", save="no") == {"cache-primary-key": key}  # restored nothing, saved nothing
+    assert build("a", save="no") == {"cache-primary-key": key}
+    build("a", save="yes")
+    assert build("b", save="no")["cache-matched-key"] == key
 
 
 def test_the_cache_refuses_what_it_does_not_implement(tmp_path):
