@@ -231,6 +231,13 @@ def cmd_models(args: argparse.Namespace) -> None:
     print_table(columns, rows)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from imgclf import sweep
+    from imgclf.store import repo_root
+
+    sweep.sweep(repo_root(), args.overrides, args.trials, args.storage, args.study, args.remote)
+
+
 def print_table(columns: tuple[str, ...], rows: list[dict]) -> None:
     def cell(value) -> str:
         if isinstance(value, list):
@@ -341,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=cmd_serve)
     add_registry_commands(commands)
+    add_sweep_command(commands)
     return parser
 
 
@@ -429,6 +437,56 @@ def add_registry_commands(commands) -> None:
     models.add_argument("--json", action="store_true", help="one JSON object per line")
     models.add_argument("--history", action="store_true", help="the alias moves, oldest first")
     models.set_defaults(handler=cmd_models)
+
+
+SWEEP_DESCRIPTION = """\
+An Optuna study over the `sweep` config group's search space (conf/sweep/). Each trial is one
+`dvc exp run --temp` named sweep-<study>-<trial>, scored on the validation split
+(metrics/train.json), its MLflow run tagged optuna.study and optuna.trial, and pushed with
+`dvc exp push` to the git remote. Start as many workers as you like, on one machine or several:
+they share the study through --storage.
+
+examples:
+  imgclf sweep --trials 10                                one machine: optuna.db beside mlflow.db
+  imgclf sweep train.max_epochs=10                        every trial with 10 epochs
+  imgclf sweep sweep=cnn model=cnn                        another search space (conf/sweep/cnn.yaml)
+  imgclf sweep --storage postgresql+psycopg2://me@db/optuna --study digits-v2   one worker of many"""
+
+SWEEP_EPILOG = """\
+Exit codes: 0 done, 1 no trial of this worker completed or an experiment could not be pushed,
+2 usage or configuration error (a bad search space names its key), 3 the storage was busy
+creating the study for other workers: run again. Ctrl-C stops the running experiment and tells
+the study it failed."""
+
+
+def add_sweep_command(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="an Optuna study whose trials are DVC experiments; many workers may share it",
+        description=SWEEP_DESCRIPTION,
+        epilog=SWEEP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="for every trial (train.max_epochs=10), or the search (sweep=CHOICE, sweep.KEY=VALUE)",
+    )
+    sweep.add_argument(
+        "--trials", type=positive_int, metavar="N", help="trials this worker runs (default: sweep.n_trials)"
+    )
+    sweep.add_argument(
+        "--storage",
+        metavar="URL",
+        help="the study's database: sqlite:///PATH (default: <repo>/optuna.db) for one machine, "
+        "postgresql+psycopg2://USER@HOST/DB for several (the password in PGPASSWORD or ~/.pgpass)",
+    )
+    sweep.add_argument("--study", metavar="NAME", help="default: sweep.study, else <data.name>-<model.name>")
+    sweep.add_argument(
+        "--remote", metavar="NAME", help="git remote to push each experiment to (default: origin, if any)"
+    )
+    sweep.set_defaults(handler=cmd_sweep)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,10 +135,21 @@ ModelConfig = Annotated[MLPConfig | CNNConfig | ResNetConfig, Field(discriminato
 class TrainerConfig(Section):
     name: Annotated[str, Field(min_length=1)]  # the conf/trainer/ file it came from
     accelerator: Literal["cpu", "gpu", "mps", "auto"]
-    devices: PositiveInt | Literal["auto"]
+    devices: PositiveInt | Literal["auto"]  # processes per node; `auto`: imgclf.training.processes_per_node
+    num_nodes: PositiveInt  # machines, each started with its own NODE_RANK (README: Scaling out)
     strategy: Literal["auto", "ddp"]  # not ddp_spawn: the epoch curves live in the main process
     precision: Literal["32-true", "16-mixed", "bf16-mixed"]
     deterministic: bool
+
+    @model_validator(mode="after")
+    def nodes_agree_on_devices(self) -> "TrainerConfig":
+        # `auto` counts this machine's devices: nodes that count differently disagree on the world size.
+        if self.num_nodes > 1 and self.devices == "auto":
+            raise ValueError(
+                f"trainer.devices='auto' with trainer.num_nodes={self.num_nodes}: set trainer.devices "
+                "to the number of processes on each node (the same on every node)"
+            )
+        return self
 
 
 class AugmentConfig(Section):
@@ -195,6 +206,94 @@ class PromoteConfig(Section):
     lock_expiry_s: PositiveFloat
 
 
+class PruningConfig(Section):
+    enabled: bool  # stop a trial whose epochs trail the median of the other trials at the same epoch
+    startup_trials: Annotated[int, Field(ge=0)]  # finished trials in the study before any is pruned
+    warmup_epochs: Annotated[int, Field(ge=0)]  # the first epochs of a trial are never pruned
+
+
+class SearchSpace(Section):
+    """One dimension of a sweep: a range (ints if `low` and `high` both are) or a list of choices.
+
+    Which keys may go together is checked by SweepConfig, which knows the dimension's name."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False  # sample evenly on a log scale (learning rates)
+    choices: list[Any] | None = None
+
+    @classmethod
+    def problem(cls, key: Any, space: Any) -> str | None:
+        """A line naming `sweep.params.<key>` and what is wrong with `space`; None if it is fine."""
+        where = f"sweep.params.{key}"
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", key):
+            return f"{where}: not a dotted config key or group (train.lr, model.hidden, model)"
+        shape = "{low, high} (log: true for a log scale) or {choices: [...]}"
+        if not isinstance(space, dict):
+            return f"{where}={space!r}: expected {shape}"
+        unknown = [name for name in space if name not in cls.model_fields]
+        if unknown:
+            return f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(cls.model_fields)}"
+        if "choices" in space:
+            choices = space["choices"]
+            if set(space) != {"choices"}:
+                return f"{where}: choices or a range (low, high, log), not both"
+            if not isinstance(choices, list) or not choices:
+                return f"{where}.choices={choices!r}: expected a list of at least one value"
+            return None
+        for bound in ("low", "high"):
+            value = space.get(bound)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                given = f"={value!r}" if bound in space else " is missing"
+                return f"{where}.{bound}{given}: expected a number ({shape})"
+        if not space["low"] < space["high"]:
+            return f"{where}: low {space['low']!r} must be below high {space['high']!r}"
+        if space.get("log", False) not in (True, False):
+            return f"{where}.log={space['log']!r}: expected true or false"
+        if space.get("log") and space["low"] <= 0:
+            return f"{where}: a log scale needs low > 0, got low {space['low']!r}"
+        return None
+
+
+# metrics/train.json's numbers on the validation split, and which way is better.
+SWEEP_METRICS = {"val_loss": "minimize", "val_acc": "maximize"}
+
+
+class SweepConfig(Section):
+    """The search of `imgclf sweep` (conf/sweep/); read by no pipeline stage."""
+
+    name: Annotated[str, Field(min_length=1)]  # the conf/sweep/ file it came from
+    # Part of each trial's experiment name (sweep-<study>-<trial>), a git ref. None: <data>-<model>.
+    study: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=100)] | None
+    # Recipes are chosen on the validation split: the test split's accuracy, which the promotion
+    # gates compare, would be an optimistic estimate if it had picked the winner.
+    metric: Literal["val_loss", "val_acc"]
+    direction: Literal["minimize", "maximize"]
+    n_trials: PositiveInt  # per worker
+    pruning: PruningConfig
+    params: dict[str, SearchSpace]  # a dotted key of this config, or a group, -> its search space
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def spaces_are_well_formed(cls, params: Any) -> Any:
+        if not isinstance(params, dict):
+            raise ValueError("expected a mapping of dotted keys to search spaces")
+        if not params:
+            raise ValueError("sweep.params is empty: name at least one key to search, e.g. train.lr")
+        for key, space in params.items():
+            problem = SearchSpace.problem(key, space)
+            if problem:
+                raise ValueError(problem)
+        return params
+
+    @model_validator(mode="after")
+    def direction_fits_metric(self) -> "SweepConfig":
+        better = SWEEP_METRICS[self.metric]
+        if self.direction != better:
+            raise ValueError(f"sweep.direction={self.direction!r}: {self.metric} is searched with {better}")
+        return self
+
+
 class Config(Section):
     seed: Annotated[int, Field(ge=0)]
     data: DataChoice
@@ -205,6 +304,7 @@ class Config(Section):
     tracking: TrackingConfig
     registry: RegistryConfig
     promote: PromoteConfig
+    sweep: SweepConfig
 
 
 def validate(raw: Any) -> Config:

@@ -8,26 +8,27 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from torch import nn
 from torch.nn import functional as F
 
 from imgclf import tracking
-from imgclf.config import Config, TrainConfig
+from imgclf.config import Config, TrainConfig, TrainerConfig
 from imgclf.data.datamodule import ImageDataModule
 from imgclf.data.normalized import REPORT, load_card
+from imgclf.errors import ConfigError
 from imgclf.fileio import atomic_path, write_json
 from imgclf.models import build_model, checkpoint_record
 
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
-RUN_ID_ENV = "IMGCLF_MLFLOW_RUN_ID"  # hands the run to DDP worker processes
 # metrics/train.json's keys as MLflow metrics: the best epoch's numbers say so; the rest as they are
 BEST = {key: f"best_{key}" for key in ("train_loss", "train_acc", "val_loss", "val_acc")}
 
@@ -108,14 +109,21 @@ class ImageClassifier(L.LightningModule):
 
 
 class ModelLine(Callback):
-    """One line before training: the network, its size and what it reads."""
+    """One line before training: the network, its size and, under DDP, the processes."""
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             n = sum(p.numel() for p in module.parameters())
             trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
             body = module.net[-1] if isinstance(module.net, nn.Sequential) else module.net
-            print(f"model: {type(body).__name__}, {n:,} parameters ({trainable:,} trainable)", flush=True)
+            line = f"model: {type(body).__name__}, {n:,} parameters ({trainable:,} trainable)"
+            if trainer.world_size > 1:
+                batch, world = module.train_config.batch_size, trainer.world_size
+                line += (
+                    f"; DDP: {world} processes ({trainer.num_devices} per node x {trainer.num_nodes} "
+                    f"nodes), batches of {batch} per process, {batch * world} per step"
+                )
+            print(line, flush=True)
 
 
 class EpochLines(Callback):
@@ -164,7 +172,7 @@ class MlflowEpochMetrics(Callback):
     def __init__(
         self,
         curves: "EpochCurves",
-        write: Callable[[list[tuple[str, float, int]]], None],
+        write: Callable[[list[tuple[str, float, int]]], None] | None,  # None until the run is open
         flush_seconds: float,
     ):
         self.curves, self.write, self.flush_seconds = curves, write, flush_seconds
@@ -234,29 +242,41 @@ def train(
 ) -> dict[str, float]:
     """Train the configured model on data/normalized/; write the best checkpoint, metrics, curves.
 
-    Returns the metrics; {} in a DDP worker process, which writes nothing.
+    Under DDP every process runs this; global rank 0 alone opens the MLflow run, hashes the data
+    and writes the outputs. Returns the metrics; {} in every other process, which writes nothing.
     """
     quiet_lightning()
+    devices = processes_per_node(config.trainer)
+    check_launch(config.trainer, devices, os.environ)  # before any work: a wrong launch trains nothing
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ImageDataModule(data_dir, config.train.batch_size, config.seed, augment=config.train.augment)
     card = load_card(data_dir)
-    with pipeline_run(config, data_dir, raw_dir) as run_id:
-        record = checkpoint_record(card, config.model, run_id)
-        module = ImageClassifier(build_model(config.model, card), config.train, record)
-        curves = EpochCurves()
-        write_points = partial(tracking.log_metric_history, config, run_id)
-        to_mlflow = MlflowEpochMetrics(curves, write_points, config.tracking.flush_seconds)
-        seconds = fit(config, module, datamodule, [curves, to_mlflow], checkpoint_out)
-        if seconds is None:
+    net = build_model(config.model, card)
+    curves = EpochCurves()
+    to_mlflow = MlflowEpochMetrics(curves, None, config.tracking.flush_seconds)  # given the run below
+    # Lightning writes checkpoints from global rank 0 only, into rank 0's folder (it broadcasts the
+    # path). A system temporary folder, not one beside the outputs: no other process, on this node
+    # or another, creates anything in the checkout; rank 0 copies the best one into place.
+    with tempfile.TemporaryDirectory(prefix="imgclf-train-") as workdir:
+        best = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val_loss", mode="min")
+        trainer = make_trainer(config, devices, [best, curves, to_mlflow], Path(workdir), datamodule)
+        if not trainer.is_global_zero:  # known once the Trainer has read the launch environment
+            fit(trainer, ImageClassifier(net, config.train), datamodule)
             return {}
-        n_train = len(datamodule.splits["train"][1])
-        metrics = summarize(curves.rows, seconds, to_mlflow.seconds, n_train)
-        write_json(metrics_out, metrics)
-        write_curves(curves.rows, curves_out, curves_png)
-        tracking.log_metrics(config, run_id, {BEST.get(k, k): v for k, v in metrics.items()})
-        tracking.log_artifacts(config, run_id, [params_file, metrics_out, curves_out])
-        if curves_png:
-            tracking.log_artifacts(config, run_id, [curves_png], "plots")
+        with pipeline_run(config, data_dir, raw_dir) as run_id:
+            to_mlflow.write = partial(tracking.log_metric_history, config, run_id)
+            module = ImageClassifier(net, config.train, checkpoint_record(card, config.model, run_id))
+            seconds = fit(trainer, module, datamodule)
+            with atomic_path(checkpoint_out) as tmp:
+                shutil.copyfile(best.best_model_path, tmp)
+            n_train = len(datamodule.splits["train"][1])
+            metrics = summarize(curves.rows, seconds, to_mlflow.seconds, n_train, trainer.world_size)
+            write_json(metrics_out, metrics)
+            write_curves(curves.rows, curves_out, curves_png)
+            tracking.log_metrics(config, run_id, {BEST.get(k, k): v for k, v in metrics.items()})
+            tracking.log_artifacts(config, run_id, [params_file, metrics_out, curves_out])
+            if curves_png:
+                tracking.log_artifacts(config, run_id, [curves_png], "plots")
     return metrics
 
 
@@ -266,87 +286,129 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch internals, not actionable
 
 
+def processes_per_node(trainer: TrainerConfig) -> int:
+    """trainer.devices as a number of processes on this machine.
+
+    `auto` is Lightning's count (every GPU; one process on CPU), except on CPU with strategy ddp:
+    there it is one process per CPU core this process may use, as conf/trainer/ddp.yaml promises,
+    where Lightning's count would make DDP a single process. Lightning gives each of them
+    cores / processes threads.
+    """
+    if trainer.devices != "auto":
+        return trainer.devices
+    if trainer.accelerator != "cpu":
+        for accelerator in (MPSAccelerator, CUDAAccelerator):  # Lightning's order for `auto`
+            if accelerator.is_available():
+                return accelerator.auto_device_count()
+        if trainer.accelerator != "auto":
+            return 1  # no such device here: Lightning says so when it starts
+    if trainer.strategy == "ddp":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 1
+
+
+def check_launch(trainer: TrainerConfig, devices: int, environ: Mapping[str, str]) -> None:
+    """ConfigError if the launch environment disagrees with the config on the processes.
+
+    A launcher (torchrun, another node's NODE_RANK, a scheduler) says how many processes take part;
+    Lightning would otherwise fail deep inside, hang waiting for a node that never comes, or, with
+    strategy auto, let every process train the whole model alone as rank 0.
+    """
+
+    def number(name: str) -> int | None:
+        value = environ.get(name)
+        if value is None:
+            return None
+        if not value.strip().isdigit():
+            raise ConfigError(f"{name}={value!r} in the environment: expected a whole number")
+        return int(value)
+
+    world_size = devices * trainer.num_nodes
+    launched = number("WORLD_SIZE")
+    if launched is not None and launched != world_size:
+        raise ConfigError(
+            f"WORLD_SIZE={launched} in the environment, but trainer.devices x trainer.num_nodes = "
+            f"{devices} x {trainer.num_nodes} = {world_size}: set trainer.num_nodes to the number of "
+            "nodes and trainer.devices to the processes on each"
+        )
+    per_node = number("LOCAL_WORLD_SIZE")  # torchrun --nproc-per-node
+    if per_node is not None and per_node != devices:
+        raise ConfigError(
+            f"LOCAL_WORLD_SIZE={per_node} in the environment (torchrun --nproc-per-node), "
+            f"but trainer.devices={devices}: they must be equal"
+        )
+    for name in ("NODE_RANK", "GROUP_RANK"):  # what Lightning reads, in its order
+        node_rank = number(name)
+        if node_rank is not None:
+            if node_rank >= trainer.num_nodes:
+                raise ConfigError(
+                    f"{name}={node_rank} in the environment, but trainer.num_nodes={trainer.num_nodes}: "
+                    f"node ranks run from 0 to {trainer.num_nodes - 1}"
+                )
+            break
+
+
+def make_trainer(
+    config: Config, devices: int, callbacks: list[Callback], workdir: Path, datamodule: ImageDataModule
+) -> L.Trainer:
+    """The Trainer of the train stage: early stopping on val_loss, metrics to MLflow, no logger."""
+    datamodule.setup("fit")
+    steps_per_epoch = len(datamodule.train_dataloader())
+    return L.Trainer(
+        max_epochs=config.train.max_epochs,
+        accelerator=config.trainer.accelerator,
+        devices=devices,
+        num_nodes=config.trainer.num_nodes,
+        strategy=config.trainer.strategy,
+        precision=config.trainer.precision,
+        deterministic=config.trainer.deterministic,
+        logger=False,  # metrics go to MLflow through MlflowEpochMetrics, in batches
+        callbacks=[
+            EarlyStopping("val_loss", patience=config.train.early_stopping_patience),
+            *callbacks,
+            ModelLine(),
+            progress_callback(steps_per_epoch),
+        ],
+        default_root_dir=workdir,
+        # Lightning's table shows "Total FLOPs: 0" unless it runs a FLOP counter (2 s here):
+        # one line of our own says what is trained.
+        enable_model_summary=False,
+        enable_progress_bar=sys.stdout.isatty(),
+    )
+
+
 @contextmanager
 def pipeline_run(config: Config, data_dir: Path, raw_dir: Path) -> Iterator[str]:
-    """The pipeline's MLflow run: opened here, or joined in a DDP worker process.
-
-    Lightning starts DDP workers as copies of this process, which see this process's environment:
-    RUN_ID_ENV hands them the run while training lasts, and is gone afterwards, so that a second
-    training in one process opens a run of its own. The process that opened the run ends it:
-    FINISHED, or FAILED or KILLED if training does not finish.
-    """
-    inherited = os.environ.get(RUN_ID_ENV)
-    if inherited:
-        yield inherited
-        return
+    """The pipeline's MLflow run, opened by global rank 0 (the only process that tracks) and
+    ended by it: FINISHED, or FAILED or KILLED if training does not finish."""
     tags = tracking.lineage(config, data_dir, raw_dir)
     run_id = tracking.start_run(config, tags)
     tracking.log_dataset(config, run_id, tags, data_dir / REPORT)
     tracking.log_data_report(config, run_id, data_dir / REPORT)
-    os.environ[RUN_ID_ENV] = run_id
-    try:
-        # FINISHED when training is done; export reopens the run, evaluate adds to it.
-        with tracking.run_status(config, run_id, finish=True):
-            yield run_id
-    finally:
-        os.environ.pop(RUN_ID_ENV, None)
+    # FINISHED when training is done; export reopens the run, evaluate adds to it.
+    with tracking.run_status(config, run_id, finish=True):
+        yield run_id
 
 
-def fit(
-    config: Config,
-    module: ImageClassifier,
-    datamodule: ImageDataModule,
-    callbacks: list[Callback],
-    checkpoint_out: Path,
-) -> float | None:
-    """Fit with early stopping; move the best checkpoint to checkpoint_out; return fit's seconds.
+def fit(trainer: L.Trainer, module: ImageClassifier, datamodule: ImageDataModule) -> float:
+    """trainer.fit, in seconds; Ctrl-C and SIGTERM come out as KeyboardInterrupt.
 
-    None in a DDP worker process: only the main process keeps the checkpoint.
+    With DDP, Lightning starts this machine's other processes here (running this stage's command
+    again, with LOCAL_RANK set) and waits for every node to join.
     """
-    checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".train.", dir=checkpoint_out.parent.resolve()))
+    started = time.perf_counter()
     try:
-        best = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val_loss", mode="min")
-        datamodule.setup("fit")
-        steps_per_epoch = len(datamodule.train_dataloader())
-        trainer = L.Trainer(
-            max_epochs=config.train.max_epochs,
-            accelerator=config.trainer.accelerator,
-            devices=config.trainer.devices,
-            strategy=config.trainer.strategy,
-            precision=config.trainer.precision,
-            deterministic=config.trainer.deterministic,
-            logger=False,  # metrics go to MLflow through MlflowEpochMetrics, in batches
-            callbacks=[
-                best,
-                EarlyStopping("val_loss", patience=config.train.early_stopping_patience),
-                *callbacks,
-                ModelLine(),
-                progress_callback(steps_per_epoch),
-            ],
-            default_root_dir=workdir,
-            # Lightning's table shows "Total FLOPs: 0" unless it runs a FLOP counter (2 s here):
-            # one line of our own says what is trained.
-            enable_model_summary=False,
-            enable_progress_bar=sys.stdout.isatty(),
-        )
-        started = time.perf_counter()
-        try:
-            trainer.fit(module, datamodule=datamodule)
-        except SystemExit:
-            if trainer.interrupted:  # Lightning turns Ctrl-C and SIGTERM into exit(1)
-                raise KeyboardInterrupt from None
-            raise
-        seconds = time.perf_counter() - started
-        if not trainer.is_global_zero:
-            return None
-        shutil.move(best.best_model_path, checkpoint_out)
-        return seconds
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        trainer.fit(module, datamodule=datamodule)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C and SIGTERM into exit(1)
+            raise KeyboardInterrupt from None
+        raise
+    return time.perf_counter() - started
 
 
-def summarize(rows: list[dict[str, float]], seconds: float, tracking_seconds: float, n_train: int) -> dict:
+def summarize(
+    rows: list[dict[str, float]], seconds: float, tracking_seconds: float, n_train: int, processes: int
+) -> dict:
     """metrics/train.json: the best epoch's numbers (lowest val_loss), and what the fit cost."""
     best = min(rows, key=lambda row: row.get("val_loss", float("inf")))
     return {
@@ -358,5 +420,6 @@ def summarize(rows: list[dict[str, float]], seconds: float, tracking_seconds: fl
         "epochs": len(rows),
         "train_seconds": round(seconds, 3),
         "tracking_seconds": round(tracking_seconds, 3),
-        "train_images_per_s": round(len(rows) * n_train / seconds, 1),
+        "train_images_per_s": round(len(rows) * n_train / seconds, 1),  # all processes together
+        "processes": processes,  # DDP's world size: train.batch_size images each per step
     }

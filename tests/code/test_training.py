@@ -10,7 +10,7 @@ from imgclf import tracking
 from imgclf.config import compose, validate
 from imgclf.data.datamodule import TensorBatches
 from imgclf.models import build_model
-from imgclf.training import RUN_ID_ENV, EpochCurves, ImageClassifier, MlflowEpochMetrics, train
+from imgclf.training import EpochCurves, ImageClassifier, MlflowEpochMetrics, train
 from tests.conftest import REPO, make_card, tool_env
 
 
@@ -90,7 +90,6 @@ def test_train_twice_in_one_process_opens_two_runs_and_leaks_nothing(config, dig
         )
         assert metrics["epochs"] == 2 and 0 < metrics["val_acc"] <= 1
         assert (out / "train.json").is_file() and (out / "curves.csv").read_text().count("\n") == 3
-        assert RUN_ID_ENV not in os.environ  # the hand-over to DDP workers ends with the training
         run_ids.append(load_checkpoint(out / "model.ckpt").mlflow_run_id)
     assert run_ids[0] != run_ids[1]
     client = MlflowClient(tracking.tracking_uri(config))
@@ -123,7 +122,6 @@ def test_a_training_that_stops_ends_its_run(config, digits_dirs, tmp_path, monke
     client = tracking.client(config)
     (run,) = client.search_runs([tracking.experiment_id(config)])
     assert run.info.status == status
-    assert RUN_ID_ENV not in os.environ
     assert not (tmp_path / "m.ckpt").exists() and not (tmp_path / "t.json").exists()
 
 
@@ -167,3 +165,85 @@ def test_a_run_deleted_in_the_ui_is_not_taken_for_the_pipelines_run(config):
     assert tracking.existing_run(config, run_id) == run_id
     tracking.client(config).delete_run(run_id)
     assert tracking.existing_run(config, run_id) is None
+
+
+# --- DDP: how many processes, and whether the launch agrees ---------------------------------
+
+
+def trainer_config(*overrides: str):
+    return validate(compose(list(overrides), REPO / "conf")).trainer
+
+
+def test_trainer_ddp_on_cpu_starts_a_process_per_core_lightning_would_start_one():
+    from imgclf.training import processes_per_node
+
+    cores = len(os.sched_getaffinity(0))
+    assert processes_per_node(trainer_config("trainer=ddp", "trainer.accelerator=cpu")) == cores
+    assert processes_per_node(trainer_config("trainer=ddp", "trainer.devices=3")) == 3
+    # `auto` without ddp keeps Lightning's meaning: one process on CPU
+    assert processes_per_node(trainer_config("trainer.devices=auto")) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "environ", "error"),
+    [
+        (
+            [],
+            {"WORLD_SIZE": "2"},
+            "WORLD_SIZE=2 in the environment, but trainer.devices x trainer.num_nodes = 1 x 1 = 1",
+        ),
+        (
+            ["trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2"],
+            {"WORLD_SIZE": "2", "NODE_RANK": "0"},
+            "WORLD_SIZE=2 in the environment, but trainer.devices x trainer.num_nodes = 2 x 2 = 4",
+        ),
+        (
+            ["trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2"],
+            {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
+            "LOCAL_WORLD_SIZE=2 in the environment (torchrun --nproc-per-node), but trainer.devices=1",
+        ),
+        ([], {"NODE_RANK": "1"}, "NODE_RANK=1 in the environment, but trainer.num_nodes=1"),
+        (
+            ["trainer.num_nodes=2"],
+            {"GROUP_RANK": "2"},
+            "GROUP_RANK=2 in the environment, but trainer.num_nodes=2",
+        ),
+        ([], {"WORLD_SIZE": "two"}, "WORLD_SIZE='two' in the environment: expected a whole number"),
+    ],
+)
+def test_a_launch_that_disagrees_with_the_config_is_a_config_error(overrides, environ, error):
+    from imgclf.errors import ConfigError
+    from imgclf.training import check_launch, processes_per_node
+
+    trainer = trainer_config(*overrides)
+    with pytest.raises(ConfigError) as raised:
+        check_launch(trainer, processes_per_node(trainer), environ)
+    assert str(raised.value).startswith(error)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "environ"),
+    [
+        ([], {}),
+        (["trainer=ddp", "trainer.devices=2"], {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "NODE_RANK": "0"}),
+        (["trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2"], {"WORLD_SIZE": "2", "NODE_RANK": "1"}),
+        (
+            ["trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2"],
+            {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"},
+        ),
+    ],
+)
+def test_a_launch_that_agrees_with_the_config_passes(overrides, environ):
+    from imgclf.training import check_launch, processes_per_node
+
+    trainer = trainer_config(*overrides)
+    check_launch(trainer, processes_per_node(trainer), environ)
+
+
+def test_several_nodes_need_a_number_of_devices_not_auto():
+    from imgclf.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"trainer.devices='auto' with trainer.num_nodes=2: set trainer.devices"
+    ):
+        trainer_config("trainer=ddp", "trainer.num_nodes=2")
