@@ -27,7 +27,7 @@ from imgclf.serving.follow import LiveModel
 from imgclf.serving.model import Registry
 from tests.conftest import REPO, compose_config, export_model, make_card, tool_env, train_digits_network
 from tests.serving.conftest import grey_png, running_server
-from tests.serving.test_browser import browser, upload, wait_for_text  # noqa: F401 (browser: a fixture)
+from tests.serving.test_browser import upload, wait_for_text
 
 NAME = "digits"
 URI = f"models:/{NAME}@champion"
@@ -381,7 +381,7 @@ def test_the_swap_works_through_an_mlflow_server(
 @pytest.mark.e2e
 def test_the_web_page_shows_the_version_that_answers_after_a_swap(
     registry,
-    browser,  # noqa: F811 (the fixture imported above)
+    browser,
     digits_splits,
     tmp_path,
     no_poller_left,
