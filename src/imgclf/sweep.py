@@ -42,6 +42,7 @@ LOG_DIR = Path(".dvc", "tmp", "sweep")  # one log per trial; DVC's .dvc/.gitigno
 EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+\s+(.*)$")
 METRIC_PAIR = re.compile(r"(\w+) (-?(?:\d+\.?\d*(?:e[-+]?\d+)?|nan|inf))")
 STOP_GRACE_S = 60  # after SIGINT, a stage ends its MLflow run and DVC removes its temporary copy
+FLOAT_DIGITS = 6  # significant digits of a sampled float, as the trial's experiment gets it
 STUDY_ATTEMPTS = 8  # workers creating one fresh storage or study at once race on its tables
 override_value = configuration._override_value  # a value in Hydra's override grammar: one home
 
@@ -222,7 +223,11 @@ def suggest(trial, params: dict[str, SearchSpace]) -> dict[str, Any]:
         elif isinstance(space.low, int) and isinstance(space.high, int):
             values[key] = trial.suggest_int(key, space.low, space.high, log=space.log)
         else:
-            values[key] = trial.suggest_float(key, float(space.low), float(space.high), log=space.log)
+            value = trial.suggest_float(key, float(space.low), float(space.high), log=space.log)
+            # DVC reads and rewrites params.yaml and dvc.lock with ruamel.yaml, which changes the last
+            # digit of some floats written with 16 (1.902357760267601e-05 comes back ...600e-05): the
+            # lock then disagrees with params.yaml and a clone re-runs the stage. 6 digits survive.
+            values[key] = float(f"{value:.{FLOAT_DIGITS}g}")
     return values
 
 

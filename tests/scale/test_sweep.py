@@ -133,6 +133,34 @@ def test_the_cnn_search_space_composes_with_the_cnn(workspace):
     assert plan.storage == f"sqlite:///{workspace / 'optuna.db'}"
 
 
+def test_sampled_floats_survive_the_yaml_round_trips_of_dvc(workspace):
+    # DVC rewrites params.yaml and dvc.lock with ruamel.yaml; a value that comes back changed makes
+    # the lock disagree with params.yaml, and a clone that applies the experiment trains again.
+    import io
+
+    import optuna
+    from ruamel.yaml import YAML
+
+    from imgclf import sweep
+
+    def round_trip(text: str) -> str:
+        out = io.StringIO()
+        YAML().dump(YAML().load(text), out)
+        return out.getvalue()
+
+    plan = sweep.make_plan(workspace, [], 1, None, None, None)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    floats = [
+        value
+        for _ in range(300)
+        for value in sweep.suggest(study.ask(), plan.config.sweep.params).values()
+        if isinstance(value, float)
+    ]
+    assert len(floats) == 900
+    texts = [yaml.safe_dump({"x": value}) for value in floats]
+    assert [text for text in texts if round_trip(text) != text] == []
+
+
 def test_no_stage_reads_the_sweep_group():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     keys = [key for stage in stages.values() for key in stage.get("params", [])]
