@@ -327,7 +327,10 @@ def test_ctrl_c_stops_the_running_trial_and_tells_the_study(tmp_path):
     import optuna
 
     repo = copy_repo(tmp_path / "repo")
-    worker = sweep_worker(repo, "--trials", "3", "--study", "stop", "train.max_epochs=200")
+    # No early stopping: the trial must still be training when the signal comes, however slow the machine.
+    worker = sweep_worker(
+        repo, "--trials", "3", "--study", "stop", "train.max_epochs=200", "train.early_stopping_patience=200"
+    )
     log = repo / ".dvc/tmp/sweep/sweep-stop-0.log"
     deadline = time.monotonic() + 300
     while not (log.is_file() and "epoch 1/" in log.read_text()):
