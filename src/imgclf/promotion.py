@@ -20,6 +20,7 @@ import yaml
 from imgclf import tracking
 from imgclf.card import ModelCard
 from imgclf.config import Config
+from imgclf.data.watch import dvc_md5
 from imgclf.errors import ImgclfError
 from imgclf.fileio import read_json
 from imgclf.registry import TAG, Move, Registry, RegistryConflict, RegistryError, now_iso
@@ -83,7 +84,7 @@ class Outputs:
         }
         for path in (self.onnx, self.metrics):
             name = path.relative_to(root).as_posix()
-            if recorded.get(name) != _md5(path):
+            if recorded.get(name) != dvc_md5(path):
                 raise NotEvaluated(
                     f"{name} is not what the evaluate stage last measured (dvc.lock): run `dvc repro` first"
                 )
@@ -180,10 +181,6 @@ def _recalls(per_class_csv: Path, classes: tuple[str, ...]) -> list[float]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 # --- register -------------------------------------------------------------------------------
