@@ -2,21 +2,25 @@
 
 from imgclf.config import load_params
 from imgclf.errors import run_or_exit
-from imgclf.evaluation import evaluate
 from imgclf.stage import stage_paths
+from imgclf.tracker import Tracker
 
 
 def main() -> None:
     paths = stage_paths(__doc__, "params", "onnx", "sidecar", "data", "metrics", "plots")
     config = load_params(paths.params)
-    metrics = evaluate(
-        config,
-        model_path=paths.onnx,
-        sidecar_path=paths.sidecar,
-        data_dir=paths.data,
-        metrics_out=paths.metrics,
-        plots_dir=paths.plots,
-    )
+    with Tracker(config) as tracker:  # imports mlflow in a side process while this one evaluates
+        from imgclf.evaluation import evaluate
+
+        metrics = evaluate(
+            config,
+            model_path=paths.onnx,
+            sidecar_path=paths.sidecar,
+            data_dir=paths.data,
+            metrics_out=paths.metrics,
+            plots_dir=paths.plots,
+            tracker=tracker,
+        )
     print(
         f"evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} "
         f"on {metrics['n_test']} test images; batch-1 p50 {metrics['latency_ms_p50_b1']} ms"

@@ -3,21 +3,24 @@
 from imgclf.config import load_params
 from imgclf.errors import run_or_exit
 from imgclf.stage import stage_paths
+from imgclf.tracker import Tracker
 
 
 def main() -> None:
     paths = stage_paths(__doc__, "params", "checkpoint", "data", "raw", "onnx", "sidecar")
     config = load_params(paths.params)
-    from imgclf.export import export
+    with Tracker(config) as tracker:  # imports mlflow in a side process while this one imports torch
+        from imgclf.export import export
 
-    sidecar = export(
-        config,
-        checkpoint=paths.checkpoint,
-        data_dir=paths.data,
-        raw_dir=paths.raw,
-        onnx_out=paths.onnx,
-        sidecar_out=paths.sidecar,
-    )
+        sidecar = export(
+            config,
+            checkpoint=paths.checkpoint,
+            data_dir=paths.data,
+            raw_dir=paths.raw,
+            onnx_out=paths.onnx,
+            sidecar_out=paths.sidecar,
+            tracker=tracker,
+        )
     parity = sidecar["export"]
     print(
         f"export: {paths.onnx}, parity max |Δp| {parity['parity_max_abs_diff']:.1e} "

@@ -3,23 +3,28 @@
 from imgclf.config import load_params
 from imgclf.errors import run_or_exit
 from imgclf.stage import stage_paths
+from imgclf.tracker import Tracker, launched_as_rank_zero
 
 
 def main() -> None:
     paths = stage_paths(__doc__, "params", "data", "raw", "checkpoint", "metrics", "curves", "curves_png")
     config = load_params(paths.params)  # validated before torch is imported: a bad value fails in a second
-    from imgclf.training import train
+    # The side process imports mlflow while this one imports torch and Lightning; under DDP only
+    # global rank 0 tracks, so other ranks start it only if the launch environment hides their rank.
+    with Tracker(config, start=launched_as_rank_zero()) as tracker:
+        from imgclf.training import train
 
-    metrics = train(
-        config,
-        data_dir=paths.data,
-        raw_dir=paths.raw,
-        params_file=paths.params,
-        checkpoint_out=paths.checkpoint,
-        metrics_out=paths.metrics,
-        curves_out=paths.curves,
-        curves_png=paths.curves_png,
-    )
+        metrics = train(
+            config,
+            data_dir=paths.data,
+            raw_dir=paths.raw,
+            params_file=paths.params,
+            checkpoint_out=paths.checkpoint,
+            metrics_out=paths.metrics,
+            curves_out=paths.curves,
+            curves_png=paths.curves_png,
+            tracker=tracker,
+        )
     if metrics:
         print(f"train: val_acc {metrics['val_acc']:.4f} after {metrics['epochs']} epochs")
 

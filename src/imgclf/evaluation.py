@@ -6,6 +6,7 @@ precision and recall) and speed (batch-1 latency, large-batch throughput).
 
 import csv
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,8 +17,11 @@ from imgclf.config import Config
 from imgclf.data.normalized import load_card, load_split
 from imgclf.fileio import atomic_path, read_json, write_json
 from imgclf.runtime import inference_session, predict_probabilities
+from imgclf.tracker import Tracker
 
 PER_CLASS = "per_class.csv"  # in the plots folder
+SPEED = ("latency_", "throughput_")  # the keys of `speed`
+THROUGHPUT_SECONDS = 0.25  # full batches run at least this long, and at least 5 times
 
 
 class Scores(NamedTuple):
@@ -27,17 +31,27 @@ class Scores(NamedTuple):
     predicted: np.ndarray
 
 
-def quality(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> tuple[dict, list[dict]]:
-    """The headline numbers (metrics/eval.json) and one row per class (plots/per_class.csv)."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts of (actual, predicted) pairs: rows are the actual class, columns the predicted one."""
+    return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, -1)
 
-    indices = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=indices, zero_division=0
-    )
+
+def quality(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> tuple[dict, list[dict]]:
+    """The headline numbers (metrics/eval.json) and one row per class (plots/per_class.csv).
+
+    Precision, recall and F1 are 0 where undefined (a class never predicted, or absent), as
+    scikit-learn's `zero_division=0` gives them; macro F1 averages over every class.
+    """
+    matrix = confusion_matrix(labels, predicted, len(classes)).astype(np.float64)
+    hits, support, claimed = np.diag(matrix), matrix.sum(axis=1), matrix.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(claimed > 0, hits / claimed, 0.0)
+        recall = np.where(support > 0, hits / support, 0.0)
+        both = precision + recall
+        f1 = np.where(both > 0, 2 * precision * recall / both, 0.0)
     headline = {
-        "accuracy": round(float(accuracy_score(labels, predicted)), 6),
-        "macro_f1": round(float(f1_score(labels, predicted, labels=indices, average="macro")), 6),
+        "accuracy": round(float(hits.sum() / len(labels)), 6),
+        "macro_f1": round(float(f1.mean()), 6),
         "n_test": len(labels),
     }
     per_class = [
@@ -77,7 +91,7 @@ def speed(session, images: np.ndarray, latency_runs: int, throughput_batch: int)
     batch = np.ascontiguousarray(np.concatenate([images] * repeats)[:throughput_batch])
     session.run(None, {input_name: batch})
     runs, started = 0, time.perf_counter()
-    while runs < 5 or time.perf_counter() - started < 1.0:
+    while runs < 5 or time.perf_counter() - started < THROUGHPUT_SECONDS:
         session.run(None, {input_name: batch})
         runs += 1
     seconds = time.perf_counter() - started
@@ -88,29 +102,12 @@ def speed(session, images: np.ndarray, latency_runs: int, throughput_batch: int)
     }
 
 
-def write_confusion(labels, predicted, classes: list[str], csv_path: Path, png_path: Path) -> None:
-    """One row per test image (actual, predicted) for `dvc plots`, and a PNG matrix."""
+def write_confusion(labels, predicted, classes: list[str], csv_path: Path) -> None:
+    """One row per test image (actual, predicted), for `dvc plots`' confusion template."""
     with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
         writer.writerows((classes[a], classes[p]) for a, p in zip(labels, predicted, strict=True))
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = max(5, 0.5 * len(classes))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(
-        labels, predicted, labels=range(len(classes)), display_labels=classes, ax=ax, colorbar=False
-    )
-    ax.set_title("confusion matrix (test split, ONNX Runtime)")
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def evaluate(
@@ -120,17 +117,34 @@ def evaluate(
     data_dir: Path,
     metrics_out: Path,
     plots_dir: Path,
+    tracker: Tracker,
 ) -> dict:
-    """Write metrics/eval.json (headline numbers), per-class scores and the confusion matrix;
-    log them to the pipeline's MLflow run."""
-    run_id = tracking.existing_run(config, read_json(sidecar_path)["lineage"]["mlflow_run_id"])
-    if run_id is None:  # outputs restored by DVC from a store that no longer has the run
-        return _evaluate(config, model_path, data_dir, metrics_out, plots_dir, None)
-    with tracking.run_status(config, run_id, finish=True):
-        return _evaluate(config, model_path, data_dir, metrics_out, plots_dir, run_id)
+    """Write metrics/eval.json (headline numbers), per-class scores and the confusion matrix; log
+    them to the pipeline's MLflow run (nothing, if outputs restored by DVC name a run the store
+    no longer has)."""
+    tracker.use_run(read_json(sidecar_path)["lineage"]["mlflow_run_id"])
+    with tracker.run_status():
+        # Speed is timed once the tracking process is idle: the timings share the CPU with nothing.
+        scores = score(
+            model_path,
+            data_dir,
+            config.evaluate.latency_runs,
+            config.evaluate.throughput_batch,
+            before_speed=lambda scores: _write_quality(tracker, scores, plots_dir),
+        )
+        write_json(metrics_out, scores.metrics)
+        tracker.log_metrics({f"test_{k}": v for k, v in scores.metrics.items() if k.startswith(SPEED)})
+        tracker.log_artifacts([metrics_out])
+    return scores.metrics
 
 
-def score(model_path: Path, data_dir: Path, latency_runs: int, throughput_batch: int) -> Scores:
+def score(
+    model_path: Path,
+    data_dir: Path,
+    latency_runs: int,
+    throughput_batch: int,
+    before_speed: Callable[[Scores], None] = lambda scores: None,
+) -> Scores:
     """The test split's quality and speed for one ONNX model: the evaluate stage's numbers, also
     used to score the champion on a challenger's split (imgclf.promotion)."""
     classes = list(load_card(data_dir).classes)
@@ -138,31 +152,30 @@ def score(model_path: Path, data_dir: Path, latency_runs: int, throughput_batch:
     session = inference_session(model_path)
     predicted = predict_probabilities(session, images).argmax(axis=1)
     metrics, per_class = quality(labels, predicted, classes)
+    scores = Scores(metrics, per_class, labels, predicted)
+    before_speed(scores)
     metrics |= speed(session, images, latency_runs, throughput_batch)
-    return Scores(metrics, per_class, labels, predicted)
+    return scores
 
 
-def _evaluate(config, model_path, data_dir, metrics_out: Path, plots_dir: Path, run_id: str | None) -> dict:
-    classes = list(load_card(data_dir).classes)
-    metrics, per_class, labels, predicted = score(
-        model_path, data_dir, config.evaluate.latency_runs, config.evaluate.throughput_batch
-    )
-    write_json(metrics_out, metrics)
+def _write_quality(tracker: Tracker, scores: Scores, plots_dir: Path) -> None:
+    """The per-class and confusion outputs; their MLflow metrics and plots, then wait until logged."""
+    classes = [row["class"] for row in scores.per_class]
     per_class_csv = plots_dir / PER_CLASS
-    write_per_class(per_class, per_class_csv)
+    write_per_class(scores.per_class, per_class_csv)
     confusion_csv, confusion_png = plots_dir / "confusion.csv", plots_dir / "confusion.png"
-    write_confusion(labels, predicted, classes, confusion_csv, confusion_png)
-    if run_id is None:
-        return metrics
-    flat = {f"test_{k}": v for k, v in metrics.items()}
+    write_confusion(scores.labels, scores.predicted, classes, confusion_csv)
+    matrix = confusion_matrix(scores.labels, scores.predicted, len(classes))
+    tracker.draw_confusion(matrix.tolist(), classes, confusion_png)
+    flat = {f"test_{k}": v for k, v in scores.metrics.items()}
     # Class names are the user's folder names; MLflow keys allow fewer characters: the index
     # keeps two names that differ only there apart, and per_class.csv keeps the names as they are.
     flat |= {
         f"test_{stat}/{i}_{tracking.metric_key(row['class'])}": row[stat]
-        for i, row in enumerate(per_class)
+        for i, row in enumerate(scores.per_class)
         for stat in ("precision", "recall")
     }
-    tracking.log_metrics(config, run_id, flat)
-    tracking.log_artifacts(config, run_id, [metrics_out, per_class_csv])
-    tracking.log_artifacts(config, run_id, [confusion_png], "plots")
-    return metrics
+    tracker.log_metrics(flat)
+    tracker.log_artifacts([per_class_csv])
+    tracker.log_artifacts([confusion_png], "plots")
+    tracker.wait_idle()

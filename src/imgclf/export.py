@@ -26,6 +26,7 @@ from imgclf.errors import ImgclfError
 from imgclf.fileio import atomic_path, write_json
 from imgclf.models import Checkpoint, load_checkpoint
 from imgclf.runtime import inference_session
+from imgclf.tracker import Reply, Tracker
 
 CARD_METADATA = "imgclf.card"  # the ONNX metadata key that holds ModelCard.to_json()
 OPSET = 17  # pinned: a new exporter default must not silently change the served graph
@@ -119,16 +120,25 @@ def check_parity(model: Probabilities, proto: onnx.ModelProto, images: np.ndarra
 
 
 def export(
-    config: Config, checkpoint: Path, data_dir: Path, raw_dir: Path, onnx_out: Path, sidecar_out: Path
+    config: Config,
+    checkpoint: Path,
+    data_dir: Path,
+    raw_dir: Path,
+    onnx_out: Path,
+    sidecar_out: Path,
+    tracker: Tracker,
 ) -> dict:
-    """Write models/model.onnx and models/model.json, or fail without touching them."""
+    """Write models/model.onnx and models/model.json, or fail without touching them; log the
+    model to the train stage's MLflow run (a fresh run if the store lost it)."""
     trained = load_checkpoint(checkpoint)
-    run_id = _pipeline_run(config, trained, data_dir, raw_dir)
-    with tracking.run_status(config, run_id, finish=True):
-        return _export(config, trained, run_id, data_dir, raw_dir, onnx_out, sidecar_out)
+    run = tracker.adopt_run(trained.mlflow_run_id, data_dir, raw_dir)  # answered by the time it is read
+    with tracker.run_status():
+        return _export(config, tracker, trained, run, data_dir, onnx_out, sidecar_out)
 
 
-def _export(config, trained: Checkpoint, run_id: str, data_dir, raw_dir, onnx_out, sidecar_out) -> dict:
+def _export(
+    config, tracker: Tracker, trained: Checkpoint, run: Reply, data_dir, onnx_out, sidecar_out
+) -> dict:
     model, card = Probabilities(trained.net).eval(), trained.card
     test_images, _ = load_split(data_dir, "test")
     proto = to_onnx(model, torch.from_numpy(np.ascontiguousarray(test_images[:EXAMPLE_BATCH])), card)
@@ -141,6 +151,8 @@ def _export(config, trained: Checkpoint, run_id: str, data_dir, raw_dir, onnx_ou
             f"{parity['parity_argmax_mismatches']} argmax mismatches"
         )
     model_bytes = proto.SerializeToString()
+    answer = run.result()
+    run_id, lineage = answer["run_id"], answer["lineage"]
     sidecar = {
         "name": config.registry.model_name,
         **card.to_json(),
@@ -156,44 +168,11 @@ def _export(config, trained: Checkpoint, run_id: str, data_dir, raw_dir, onnx_ou
             "mlflow_run_id": run_id,
             "tracking_uri": tracking.tracking_uri(config),
             "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(),
-            **tracking.lineage(config, data_dir, raw_dir),
+            **lineage,
         },
     }
     with atomic_path(onnx_out) as tmp:
         tmp.write_bytes(model_bytes)
         write_json(sidecar_out, sidecar)
-    _log_model(config, run_id, proto, test_images[:EXAMPLE_BATCH], parity, sidecar_out)
+    tracker.log_onnx_model(onnx_out, test_images[:EXAMPLE_BATCH].tolist(), parity, sidecar_out)
     return sidecar
-
-
-def _pipeline_run(config: Config, trained: Checkpoint, data_dir: Path, raw_dir: Path) -> str:
-    """The train stage's run; a fresh one if the store lost it (e.g. outputs restored by DVC)."""
-    if trained.mlflow_run_id and tracking.existing_run(config, trained.mlflow_run_id):
-        return trained.mlflow_run_id
-    return tracking.start_run(config, tracking.lineage(config, data_dir, raw_dir))
-
-
-def _log_model(config, run_id, proto, example, parity, sidecar_path: Path) -> None:
-    import mlflow
-    import mlflow.onnx
-    import onnxruntime
-    from mlflow.models import infer_signature
-
-    tracking.use_store(config)
-    probabilities = inference_session(proto.SerializeToString()).run([OUTPUT_NAME], {INPUT_NAME: example})[0]
-    signature = infer_signature(example, probabilities)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.onnx.log_model(
-            proto,
-            name="model",
-            signature=signature,
-            input_example=example,
-            pip_requirements=[
-                f"onnx=={onnx.__version__}",
-                f"onnxruntime=={onnxruntime.__version__}",
-            ],
-            save_as_external_data=False,
-            onnx_execution_providers=["CPUExecutionProvider"],
-        )
-        mlflow.log_metrics(parity)
-        mlflow.log_artifact(str(sidecar_path))

@@ -227,3 +227,35 @@ def log_artifacts(config: Config, run_id: str, paths: list[Path], artifact_path:
     for path in paths:
         if path.exists():
             mlflow_client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_onnx_model(
+    config: Config, run_id: str, onnx_path: Path, example: list, parity: dict, sidecar_path: Path
+) -> None:
+    """The exported ONNX model as the run's MLflow model (what the registry registers), with its
+    signature and input example, the parity figures and the sidecar JSON."""
+    import mlflow
+    import mlflow.onnx
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    proto = onnx.load(onnx_path)
+    example_input = np.asarray(example, dtype=np.uint8)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs, outputs = session.get_inputs()[0].name, session.get_outputs()[0].name
+    probabilities = session.run([outputs], {inputs: example_input})[0]
+    use_store(config)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.onnx.log_model(
+            proto,
+            name="model",
+            signature=infer_signature(example_input, probabilities),
+            input_example=example_input,
+            pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+            save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],
+        )
+        mlflow.log_metrics(parity)
+        mlflow.log_artifact(str(sidecar_path))

@@ -8,9 +8,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import lightning as L
@@ -20,13 +18,13 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
 
-from imgclf import tracking
 from imgclf.config import Config, TrainConfig, TrainerConfig
 from imgclf.data.datamodule import ImageDataModule
 from imgclf.data.normalized import REPORT, load_card
 from imgclf.errors import ConfigError
 from imgclf.fileio import atomic_path, write_json
 from imgclf.models import build_model, checkpoint_record
+from imgclf.tracker import Tracker
 
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 # metrics/train.json's keys as MLflow metrics: the best epoch's numbers say so; the rest as they are
@@ -164,21 +162,22 @@ class EpochCurves(Callback):
 class MlflowEpochMetrics(Callback):
     """Sends the per-epoch rows of `EpochCurves` to the MLflow run in batches.
 
-    A store write costs milliseconds of CPU, as much as a whole epoch of a small data set on two
-    cores, so rows are flushed at most every `flush_seconds` (0: every epoch) and once at the end:
-    tracking stays out of the training loop, and a run in progress still shows in the UI.
+    The tracking process makes the writes; each still costs milliseconds of CPU there, as much as
+    a whole epoch of a small data set on two cores, so rows are sent at most every `flush_seconds`
+    (0: every epoch) and once at the end: tracking stays out of the training loop's way, and a run
+    in progress still shows in the UI.
     """
 
     def __init__(
         self,
         curves: "EpochCurves",
-        write: Callable[[list[tuple[str, float, int]]], None] | None,  # None until the run is open
+        write: Callable[[list[tuple[str, float, int]]], None],
         flush_seconds: float,
     ):
         self.curves, self.write, self.flush_seconds = curves, write, flush_seconds
         self.sent = 0
         self.last_flush = time.monotonic()
-        self.seconds = 0.0  # spent writing: the cost of tracking, reported in metrics/train.json
+        self.seconds = 0.0  # spent sending: tracking's cost to the fit, reported in metrics/train.json
 
     def flush(self) -> None:
         rows = self.curves.rows[self.sent :]
@@ -203,31 +202,11 @@ class MlflowEpochMetrics(Callback):
             self.flush()  # the epochs that did finish belong in the run
 
 
-def write_curves(rows: list[dict[str, float]], csv_path: Path, png_path: Path | None) -> None:
+def write_curves(rows: list[dict[str, float]], csv_path: Path) -> None:
     with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    if png_path is None:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [row["epoch"] for row in rows]
-    for split in ("train", "val"):
-        left.plot(epochs, [row.get(f"{split}_loss") for row in rows], label=split)
-        right.plot(epochs, [row.get(f"{split}_acc") for row in rows], label=split)
-    left.set(xlabel="epoch", ylabel="loss", title="loss")
-    right.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    left.legend()
-    right.legend()
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def train(
@@ -238,12 +217,14 @@ def train(
     checkpoint_out: Path,
     metrics_out: Path,
     curves_out: Path,
-    curves_png: Path | None = None,
+    curves_png: Path | None,
+    tracker: Tracker,
 ) -> dict[str, float]:
     """Train the configured model on data/normalized/; write the best checkpoint, metrics, curves.
 
-    Under DDP every process runs this; global rank 0 alone opens the MLflow run, hashes the data
-    and writes the outputs. Returns the metrics; {} in every other process, which writes nothing.
+    Under DDP every process runs this; global rank 0 alone opens the MLflow run (through
+    `tracker`), hashes the data and writes the outputs. Returns the metrics; {} in every other
+    process, which writes nothing.
     """
     quiet_lightning()
     devices = processes_per_node(config.trainer)
@@ -253,7 +234,7 @@ def train(
     card = load_card(data_dir)
     net = build_model(config.model, card)
     curves = EpochCurves()
-    to_mlflow = MlflowEpochMetrics(curves, None, config.tracking.flush_seconds)  # given the run below
+    to_mlflow = MlflowEpochMetrics(curves, tracker.log_metric_history, config.tracking.flush_seconds)
     # Lightning writes checkpoints from global rank 0 only, into rank 0's folder (it broadcasts the
     # path). A system temporary folder, not one beside the outputs: no other process, on this node
     # or another, creates anything in the checkout; rank 0 copies the best one into place.
@@ -261,10 +242,12 @@ def train(
         best = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val_loss", mode="min")
         trainer = make_trainer(config, devices, [best, curves, to_mlflow], Path(workdir), datamodule)
         if not trainer.is_global_zero:  # known once the Trainer has read the launch environment
+            tracker.discard()
             fit(trainer, ImageClassifier(net, config.train), datamodule)
             return {}
-        with pipeline_run(config, data_dir, raw_dir) as run_id:
-            to_mlflow.write = partial(tracking.log_metric_history, config, run_id)
+        run_id = tracker.open_run(data_dir, raw_dir, data_dir / REPORT).result()
+        # FINISHED when training is done; export continues the run, evaluate adds to it.
+        with tracker.run_status():
             module = ImageClassifier(net, config.train, checkpoint_record(card, config.model, run_id))
             seconds = fit(trainer, module, datamodule)
             with atomic_path(checkpoint_out) as tmp:
@@ -272,11 +255,12 @@ def train(
             n_train = len(datamodule.splits["train"][1])
             metrics = summarize(curves.rows, seconds, to_mlflow.seconds, n_train, trainer.world_size)
             write_json(metrics_out, metrics)
-            write_curves(curves.rows, curves_out, curves_png)
-            tracking.log_metrics(config, run_id, {BEST.get(k, k): v for k, v in metrics.items()})
-            tracking.log_artifacts(config, run_id, [params_file, metrics_out, curves_out])
+            write_curves(curves.rows, curves_out)
+            tracker.log_metrics({BEST.get(k, k): v for k, v in metrics.items()})
+            tracker.log_artifacts([params_file, metrics_out, curves_out])
             if curves_png:
-                tracking.log_artifacts(config, run_id, [curves_png], "plots")
+                tracker.draw_curves(curves.rows, curves_png)
+                tracker.log_artifacts([curves_png], "plots")
     return metrics
 
 
@@ -375,19 +359,6 @@ def make_trainer(
         enable_model_summary=False,
         enable_progress_bar=sys.stdout.isatty(),
     )
-
-
-@contextmanager
-def pipeline_run(config: Config, data_dir: Path, raw_dir: Path) -> Iterator[str]:
-    """The pipeline's MLflow run, opened by global rank 0 (the only process that tracks) and
-    ended by it: FINISHED, or FAILED or KILLED if training does not finish."""
-    tags = tracking.lineage(config, data_dir, raw_dir)
-    run_id = tracking.start_run(config, tags)
-    tracking.log_dataset(config, run_id, tags, data_dir / REPORT)
-    tracking.log_data_report(config, run_id, data_dir / REPORT)
-    # FINISHED when training is done; export reopens the run, evaluate adds to it.
-    with tracking.run_status(config, run_id, finish=True):
-        yield run_id
 
 
 def fit(trainer: L.Trainer, module: ImageClassifier, datamodule: ImageDataModule) -> float:

@@ -10,6 +10,7 @@ from imgclf import tracking
 from imgclf.config import compose, validate
 from imgclf.data.datamodule import TensorBatches
 from imgclf.models import build_model
+from imgclf.tracker import Tracker
 from imgclf.training import EpochCurves, ImageClassifier, MlflowEpochMetrics, train
 from tests.conftest import REPO, make_card, tool_env
 
@@ -85,9 +86,9 @@ def test_train_twice_in_one_process_opens_two_runs_and_leaks_nothing(config, dig
     run_ids = []
     for attempt in ("first", "second"):
         out = tmp_path / attempt
-        metrics = train(
-            config, normalized, raw, params, out / "model.ckpt", out / "train.json", out / "curves.csv", None
-        )
+        with Tracker(config) as tracker:
+            outs = (out / "model.ckpt", out / "train.json", out / "curves.csv")
+            metrics = train(config, normalized, raw, params, *outs, None, tracker)
         assert metrics["epochs"] == 2 and 0 < metrics["val_acc"] <= 1
         assert (out / "train.json").is_file() and (out / "curves.csv").read_text().count("\n") == 3
         run_ids.append(load_checkpoint(out / "model.ckpt").mlflow_run_id)
@@ -109,16 +110,9 @@ def test_a_training_that_stops_ends_its_run(config, digits_dirs, tmp_path, monke
 
     monkeypatch.setattr(training, "fit", stop)
     raw, normalized = digits_dirs
-    with pytest.raises(type(error)):
-        train(
-            config,
-            normalized,
-            raw,
-            tmp_path / "params.yaml",
-            tmp_path / "m.ckpt",
-            tmp_path / "t.json",
-            tmp_path / "c.csv",
-        )
+    outs = (tmp_path / "m.ckpt", tmp_path / "t.json", tmp_path / "c.csv")
+    with pytest.raises(type(error)), Tracker(config) as tracker:
+        train(config, normalized, raw, tmp_path / "params.yaml", *outs, None, tracker)
     client = tracking.client(config)
     (run,) = client.search_runs([tracking.experiment_id(config)])
     assert run.info.status == status
@@ -128,13 +122,17 @@ def test_a_training_that_stops_ends_its_run(config, digits_dirs, tmp_path, monke
 def test_a_finished_training_run_is_named_tagged_and_has_its_data_set(config, digits_dirs, tmp_path):
     raw, normalized = digits_dirs
     out = tmp_path / "out"
-    train(config, normalized, raw, tmp_path / "params.yaml", out / "m.ckpt", out / "t.json", out / "c.csv")
+    with Tracker(config) as tracker:
+        outs = (out / "m.ckpt", out / "t.json", out / "c.csv", out / "c.png")
+        train(config, normalized, raw, tmp_path / "params.yaml", *outs, tracker)
     client = tracking.client(config)
     (run,) = client.search_runs([tracking.experiment_id(config)])
     assert run.info.status == "FINISHED"
     assert run.info.run_name.startswith("digits-mlp-")  # distinct: the time follows
     assert {"best_val_loss", "best_epoch", "epochs", "tracking_seconds"} <= set(run.data.metrics)
     assert not any(key.startswith("best_best") or key == "best_epochs" for key in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/c.png"} and (out / "c.png").read_bytes().startswith(b"\x89PNG")
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "digits" and len(dataset.dataset.digest) == 16
     experiment = client.get_experiment(run.info.experiment_id)

@@ -75,3 +75,27 @@ def test_split_depends_on_the_seed_only(digits_dirs):
     assert not np.array_equal(first["test"], other["test"])
     everything = np.concatenate([first[s] for s in SPLITS])
     assert np.array_equal(np.sort(everything), np.arange(1797))
+
+
+def test_the_digits_file_is_what_scikit_learn_loads(tmp_path):
+    """fetch reads scikit-learn's CSV without importing scikit-learn: the same images and labels."""
+    from sklearn.datasets import load_digits
+
+    from imgclf.data.sources.digits import fetch_digits
+
+    config = validate(compose([], REPO / "conf"))
+    fetch_digits(config.data, tmp_path)
+    digits = load_digits()
+    assert np.array_equal(np.load(tmp_path / "images.npy"), digits.images.astype(np.uint8))
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), digits.target)
+
+
+def test_each_class_is_split_in_proportion(digits_dirs):
+    raw, _ = digits_dirs
+    config = validate(compose([], REPO / "conf"))
+    dataset = get_source("digits").read(config.data, raw, raw)
+    splits = split_indices(dataset, config.data, seed=42)
+    totals = np.bincount(dataset.labels)
+    for split, share in (("test", config.data.test_fraction), ("val", config.data.val_fraction)):
+        counts = np.bincount(dataset.labels[splits[split]], minlength=10)
+        assert np.all(np.abs(counts - totals * share) <= 1.5), (split, counts, totals * share)

@@ -11,6 +11,7 @@ from imgclf.data.normalize import normalize
 from imgclf.data.normalized import load_card
 from imgclf.evaluation import evaluate
 from imgclf.export import export
+from imgclf.tracker import Tracker
 from imgclf.training import train
 from tests.conftest import compose_config
 from tests.data.test_imagefolder import class_image
@@ -22,13 +23,11 @@ CLASSES = ["a+b", "cats (tabby)", "été: ünïcode", "été? ünïcode"]
 
 
 def test_any_folder_name_works_end_to_end(tmp_path, monkeypatch):
-    import mlflow.tracking._tracking_service.utils as mlflow_uri
     from mlflow.tracking import MlflowClient
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    monkeypatch.setattr(mlflow_uri, "_tracking_uri", None)  # export sets it for its process
     folder = tmp_path / "photos"
     for label, name in enumerate(CLASSES):
         (folder / name).mkdir(parents=True)
@@ -52,19 +51,14 @@ def test_any_folder_name_works_end_to_end(tmp_path, monkeypatch):
     normalize(config.data, config.seed, raw, normalized)
     assert list(load_card(normalized).classes) == CLASSES
     (tmp_path / "params.yaml").write_text("seed: 42\n")
-    train(
-        config,
-        normalized,
-        raw,
-        tmp_path / "params.yaml",
-        models / "model.ckpt",
-        out / "t.json",
-        out / "c.csv",
-    )
-    export(config, models / "model.ckpt", normalized, raw, models / "model.onnx", models / "model.json")
-    metrics = evaluate(
-        config, models / "model.onnx", models / "model.json", normalized, out / "eval.json", out
-    )
+    params, checkpoint = tmp_path / "params.yaml", models / "model.ckpt"
+    onnx, sidecar = models / "model.onnx", models / "model.json"
+    with Tracker(config) as tracker:  # one per stage, as each stage script starts its own
+        train(config, normalized, raw, params, checkpoint, out / "t.json", out / "c.csv", None, tracker)
+    with Tracker(config) as tracker:
+        export(config, checkpoint, normalized, raw, onnx, sidecar, tracker)
+    with Tracker(config) as tracker:
+        metrics = evaluate(config, onnx, sidecar, normalized, out / "eval.json", out, tracker)
 
     assert json.loads((models / "model.json").read_text())["classes"] == CLASSES
     assert [row["class"] for row in csv.DictReader((out / "per_class.csv").open())] == CLASSES

@@ -14,6 +14,7 @@ from imgclf.data.normalize import normalize
 from imgclf.data.normalized import load_split
 from imgclf.data.sources import cifar10, idx
 from imgclf.export import export
+from imgclf.tracker import Tracker
 from imgclf.training import train
 from tests.code.test_config import RECIPES
 from tests.conftest import compose_config
@@ -40,13 +41,8 @@ def generated_files(data: str) -> dict[str, bytes]:
 def test_recipe_trains_and_exports_on_generated_data(recipe, tmp_path, monkeypatch):
     """The stages' own entry points, with the recipe's model, data format and augmentation;
     one epoch on a few hundred generated images."""
-    import mlflow.tracking._tracking_service.utils as mlflow_uri
-
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # export points MLflow's fluent API at the store for the whole process (a stage is a process
-    # of its own): put it back, or later tests' registry lookups would go to this store.
-    monkeypatch.setattr(mlflow_uri, "_tracking_uri", None)
     data = RECIPES[recipe][0]
     mirror = tmp_path / "mirror"
     mirror.mkdir()
@@ -66,20 +62,14 @@ def test_recipe_trains_and_exports_on_generated_data(recipe, tmp_path, monkeypat
     normalize(config.data, config.seed, raw, normalized)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(config.model_dump()))
-    metrics = train(
-        config,
-        normalized,
-        raw,
-        params,
-        models / "model.ckpt",
-        tmp_path / "train.json",
-        tmp_path / "curves.csv",
-    )
+    with Tracker(config) as tracker:
+        checkpoint, outs = models / "model.ckpt", (tmp_path / "train.json", tmp_path / "curves.csv")
+        metrics = train(config, normalized, raw, params, checkpoint, *outs, None, tracker)
     assert metrics["epochs"] == 1
 
-    sidecar = export(
-        config, models / "model.ckpt", normalized, raw, models / "model.onnx", models / "model.json"
-    )
+    with Tracker(config) as tracker:
+        onnx, sidecar_out = models / "model.onnx", models / "model.json"
+        sidecar = export(config, models / "model.ckpt", normalized, raw, onnx, sidecar_out, tracker)
     assert sidecar["model"]["name"] == RECIPES[recipe][1]
     assert sidecar["export"]["parity_argmax_mismatches"] == 0
     assert sidecar["input"]["shape"] == ["batch", *load_split(normalized, "test")[0].shape[1:]]

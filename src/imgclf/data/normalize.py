@@ -76,28 +76,42 @@ def load_source(config: DataConfig, raw_dir: Path, scratch: Path) -> tuple[RawDa
 
 def split_indices(raw: RawDataset, config: DataConfig, seed: int) -> dict[str, np.ndarray]:
     """Seeded, stratified train/val/test indices; a source's official test split is kept as is."""
-    from sklearn.model_selection import train_test_split  # 1.5 s to import: only where needed
-
+    rng = np.random.default_rng(seed)
     everything = np.arange(len(raw.labels))
-    try:
-        if raw.official_test is not None:
-            test = everything[raw.official_test]
-            rest = everything[~raw.official_test]
-            val_share = config.val_fraction
-        else:
-            rest, test = train_test_split(
-                everything, test_size=config.test_fraction, stratify=raw.labels, random_state=seed
-            )
-            val_share = config.val_fraction / (1 - config.test_fraction)
-        train, val = train_test_split(rest, test_size=val_share, stratify=raw.labels[rest], random_state=seed)
-    except ValueError as error:  # too few images in a class to stratify
-        totals = np.bincount(raw.labels, minlength=len(raw.classes))
-        fewest = ", ".join(f"{raw.classes[c]!r} {totals[c]}" for c in np.argsort(totals, kind="stable")[:3])
+    if raw.official_test is not None:
+        test, rest = everything[raw.official_test], everything[~raw.official_test]
+        val_share, needed = config.val_fraction, 2
+    else:
+        rest = everything
+        val_share, needed = config.val_fraction / (1 - config.test_fraction), 3
+    totals = np.bincount(raw.labels[rest], minlength=len(raw.classes))
+    short = [c for c in np.argsort(totals, kind="stable") if 0 < totals[c] < needed]
+    if short:
+        fewest = ", ".join(f"{raw.classes[c]!r} {totals[c]}" for c in short[:3])
         raise ImgclfError(
-            f"cannot split {len(raw.labels)} images into train/val/test by class ({error}); "
-            f"fewest images: {fewest}"
-        ) from None
+            f"cannot split {len(raw.labels)} images into train/val/test by class: every class needs "
+            f"at least {needed} images (one per split); fewest: {fewest}"
+        )
+    if raw.official_test is None:
+        rest, test = stratified_split(raw.labels, everything, config.test_fraction, rng)
+    train, val = stratified_split(raw.labels, rest, val_share, rng)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def stratified_split(
+    labels: np.ndarray, indices: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """`indices` in two: the second part holds ceil(fraction x n) of them, drawn at random from
+    each class in proportion to its size (the largest remainders get the rounding)."""
+    classes, counts = np.unique(labels[indices], return_counts=True)
+    n_part = math.ceil(fraction * len(indices))
+    ideal = counts * n_part / len(indices)
+    taken = np.floor(ideal).astype(int)
+    taken[np.argsort(taken - ideal, kind="stable")[: n_part - taken.sum()]] += 1
+    part = np.concatenate(
+        [rng.permutation(indices[labels[indices] == c])[:k] for c, k in zip(classes, taken, strict=True)]
+    )
+    return np.setdiff1d(indices, part), part
 
 
 def count_classes(raw: RawDataset, idx: np.ndarray) -> dict[str, int]:

@@ -1,22 +1,32 @@
 """The `digits` source: scikit-learn's 8x8 handwritten digits, shipped inside its wheel."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 from imgclf.config import DataConfig
 from imgclf.data.sources.registry import RawDataset, from_files, register
+from imgclf.errors import ImgclfError
 
 DIGITS_MAX = 16  # digits pixels are counts of 0..16 set pixels in 4x4 blocks of a 32x32 bitmap
 
 
-def fetch_digits(config: DataConfig, target: Path) -> None:
-    from sklearn.datasets import load_digits
+def digits_file() -> Path:
+    """The CSV that `sklearn.datasets.load_digits` reads, found without importing scikit-learn
+    (1.5 s): 1,797 rows of 64 pixel counts and the digit."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise ImgclfError("the digits data set ships with scikit-learn: pip install scikit-learn")
+    return path
 
-    digits = load_digits()
+
+def fetch_digits(config: DataConfig, target: Path) -> None:
+    table = np.loadtxt(digits_file(), delimiter=",", dtype=np.uint8)
     # Plain .npy, not .npz: a zip stores timestamps, and the raw data must hash the same every time.
-    np.save(target / "images.npy", digits.images.astype(np.uint8), allow_pickle=False)
-    np.save(target / "labels.npy", digits.target.astype(np.uint8), allow_pickle=False)
+    np.save(target / "images.npy", table[:, :-1].reshape(-1, 8, 8), allow_pickle=False)
+    np.save(target / "labels.npy", table[:, -1], allow_pickle=False)
 
 
 def read_digits(raw_dir: Path) -> RawDataset:
