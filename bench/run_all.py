@@ -21,6 +21,7 @@ BENCHMARKS = [
     "imagefolder",
     "mnist_recipe",
     "serving",
+    "serving_peers",
     "serving_swap",
     "registry",
     "remote",

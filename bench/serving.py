@@ -165,7 +165,7 @@ def http_figures(model: Path, image: Path, args: argparse.Namespace) -> dict:
 
 def pipeline_model(copy: Path) -> Path:
     env = pipeline_env(copy)
-    print("no models/model.onnx: dvc repro on digits in a copy of the work tree ...", flush=True)
+    print("dvc repro on digits in a copy of the work tree ...", flush=True)
     run(["imgclf", "params"], copy, env)
     run(["dvc", "repro"], copy, env)
     return copy / "models" / "model.onnx"
@@ -218,6 +218,7 @@ def main() -> None:
     if model.is_file():
         rows, measured = measure(model.resolve(), args)
     else:
+        print("no models/model.onnx", flush=True)
         with repo_copy() as copy:
             rows, measured = measure(pipeline_model(copy), args)
     write_result("serving", rows, details | measured)

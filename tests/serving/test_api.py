@@ -18,6 +18,7 @@ from PIL import Image
 from imgclf.card import InputSpec
 from imgclf.images import MAX_PIXELS
 from imgclf.serving.app import FULL_SIZE_IMAGES_PER_REQUEST, MAX_FILES, create_app
+from imgclf.serving.fastpath import INLINE_PIXELS
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, MIB
 from imgclf.serving.model import ServedModel
 from tests.conftest import REPO, tool_env
@@ -247,17 +248,20 @@ def test_decodes_in_flight_are_bounded_across_requests(served_model, digits_spli
     class SlowDecodes(ServedModel):
         """Counts the decodes in flight; each lasts long enough for the others to overlap it."""
 
-        def preprocess(self, data):
+        def preprocess(self, data, max_pixels=None):
             with lock:
                 decoding["now"] += 1
                 decoding["most"] = max(decoding["most"], decoding["now"])
             time.sleep(0.05)
             with lock:
                 decoding["now"] -= 1
-            return super().preprocess(data)
+            return super().preprocess(data, max_pixels)
 
     slow = SlowDecodes(**{f.name: getattr(served_model, f.name) for f in dataclasses.fields(served_model)})
-    png = ("a.png", grey_png(digit_image(digits_splits)), "image/png")
+    # Above the fast path's inline limit, so decoded in the thread pool, where requests overlap.
+    scale = math.isqrt(INLINE_PIXELS) // 8 + 1
+    large = np.kron(digit_image(digits_splits), np.ones((scale, scale), np.uint8))
+    png = ("a.png", grey_png(large), "image/png")
 
     def request(url: str) -> int:
         with httpx.Client(base_url=url, timeout=30) as client:

@@ -10,6 +10,9 @@ JSON `detail` and no traceback (the traceback goes to the server's log).
 The model may be swapped while serving (serving.follow): every route reads `live.model` once and
 uses that model to the end of the request. /v1/predict says which version answered in the
 `X-Model-Version` header.
+
+The common POST /v1/predict is answered in front of FastAPI (serving.fastpath) with the route's
+own `Classifier` and the same bytes; any other request, and every refusal, is FastAPI's.
 """
 
 import contextlib
@@ -18,6 +21,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,6 +34,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgclf.images import BadImage, image_size
+from imgclf.serving.fastpath import PredictFastPath, Upload
 from imgclf.serving.follow import LiveModel
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from imgclf.serving.metrics import Metrics, MetricsMiddleware
@@ -94,13 +99,16 @@ def create_app(
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     decodes_at_once: int = DECODES_AT_ONCE,
+    fast_path: bool = True,
 ) -> ASGIApp:
-    """The ASGI app: metrics around the request guard around the FastAPI routes."""
+    """The ASGI app: metrics around the request guard around the FastAPI routes.
+
+    fast_path: answer the common POST /v1/predict in serving.fastpath (the same answers, without
+    FastAPI's per-request cost); False sends every request through FastAPI.
+    """
     live = model if isinstance(model, LiveModel) else LiveModel(model)
     metrics = Metrics(live)
-    decode_slots = threading.BoundedSemaphore(decodes_at_once)
-    max_pixels = live.model.max_pixels  # the server's setting: the same for every version
-    max_request_pixels = FULL_SIZE_IMAGES_PER_REQUEST * max_pixels
+    classifier = Classifier(metrics, live.model.max_pixels, threading.BoundedSemaphore(decodes_at_once))
     following = f", following `{live.registry.uri}`" if live.following else ""
     description = f"Image classifier `{live.model.name}`{following}. GET /v1/model: the version served now."
     api = FastAPI(
@@ -139,29 +147,9 @@ def create_app(
         the event loop (ONNX Runtime releases the GIL while it runs).
         """
         model = live.model  # once: a swap during this request does not change its model
-        names = [upload.filename or "" for upload in file]
-        uploads = [(name, _read(upload, name)) for upload, name in zip(file, names, strict=True)]
-        pixels = 0
-        for name, data in uploads:  # every header before any decoding: a refusal costs little
-            with _bad_image_is_400(name):
-                width, height = image_size(data, max_pixels)
-            pixels += width * height
-        if pixels > max_request_pixels:
-            raise HTTPException(
-                413,
-                f"the {len(uploads)} images hold {pixels} pixels in all, over the limit of "
-                f"{max_request_pixels} per request: send fewer or smaller images",
-            )
-        images = []
-        for name, data in uploads:
-            with decode_slots, _bad_image_is_400(name):
-                images.append(model.preprocess(data))
-        probabilities = model.predict(np.stack(images))
-        answers = [
-            prediction(n, p, model.card.classes, top_k) for n, p in zip(names, probabilities, strict=True)
-        ]
-        for answer in answers:
-            metrics.predictions.labels(answer["label"]).inc()
+        uploads = [Upload(u.filename or "", u.content_type or "", u.file.read()) for u in file]
+        classifier.sizes(uploads)
+        answers = classifier.classify(model, uploads, top_k)
         response.headers[VERSION_HEADER] = model.version
         return {"predictions": answers}
 
@@ -179,8 +167,12 @@ def create_app(
 
     api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     api.add_middleware(InternalErrors)
-    guarded = RequestGuard(api, max_body_bytes=max_body_bytes, token=token)
-    return MetricsMiddleware(guarded, metrics, frozenset(route.path for route in api.routes))
+    paths = frozenset(route.path for route in api.routes)
+    app: ASGIApp = api
+    if fast_path:  # outside FastAPI, so InternalErrors again: for a bug in the fast path
+        app = InternalErrors(PredictFastPath(api, live, classifier, MAX_FILES, VERSION_HEADER))
+    guarded = RequestGuard(app, max_body_bytes=max_body_bytes, token=token)
+    return MetricsMiddleware(guarded, metrics, paths)
 
 
 class InternalErrors:
@@ -210,11 +202,62 @@ class InternalErrors:
             await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send)
 
 
-def _read(upload: UploadFile, name: str) -> bytes:
-    media_type = (upload.content_type or "").split(";")[0].strip().lower()
-    if not media_type.startswith("image/") and media_type not in PART_TYPES:
-        raise HTTPException(415, f"file {name!r}: content type {media_type!r} is not an image type")
-    return upload.file.read()
+@dataclass(frozen=True)
+class Classifier:
+    """What POST /v1/predict does with the uploads of a request, however its body was parsed:
+    check (content types, then every image header), then decode and classify. An answer to bad
+    input is an HTTPException."""
+
+    metrics: Metrics
+    max_pixels: int  # the server's setting: the same for every version
+    decode_slots: threading.BoundedSemaphore
+
+    def check_types(self, uploads: list[Upload]) -> None:
+        """415 if a part's content type is not an image's (or one that clients send when unsure)."""
+        for upload in uploads:
+            media_type = upload.content_type.split(";")[0].strip().lower()
+            if not media_type.startswith("image/") and media_type not in PART_TYPES:
+                detail = f"file {upload.name!r}: content type {media_type!r} is not an image type"
+                raise HTTPException(415, detail)
+
+    def sizes(self, uploads: list[Upload]) -> int:
+        """The images' pixels in all, from their headers; 415, 400 or 413 if refused."""
+        self.check_types(uploads)
+        pixels = 0
+        for upload in uploads:  # every header before any decoding: a refusal costs little
+            with _bad_image_is_400(upload.name):
+                width, height = image_size(upload.data, self.max_pixels)
+            pixels += width * height
+        limit = FULL_SIZE_IMAGES_PER_REQUEST * self.max_pixels
+        if pixels > limit:
+            raise HTTPException(
+                413,
+                f"the {len(uploads)} images hold {pixels} pixels in all, over the limit of "
+                f"{limit} per request: send fewer or smaller images",
+            )
+        return pixels
+
+    def classify(
+        self,
+        model: ServedModel,
+        uploads: list[Upload],
+        top_k: int | None,
+        slots: contextlib.AbstractContextManager | None = None,
+        max_pixels: int | None = None,
+    ) -> list[dict]:
+        """Decode (each in one of the decode slots, or all in `slots`, held already; max_pixels
+        below the server's for a decode that must stay small) and classify."""
+        images = []
+        for upload in uploads:
+            with slots or self.decode_slots, _bad_image_is_400(upload.name):
+                images.append(model.preprocess(upload.data, max_pixels))
+        # One image needs no copy: its (1, C, H, W) view is contiguous as the session wants it.
+        probabilities = model.predict(images[0][None] if len(images) == 1 else np.stack(images))
+        classes = model.card.classes
+        answers = [prediction(u.name, p, classes, top_k) for u, p in zip(uploads, probabilities, strict=True)]
+        for answer in answers:
+            self.metrics.predicted(answer["label"])
+        return answers
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from imgclf.serving.follow import LiveModel
 
 # Latency buckets for a model that answers in about a millisecond, up to slow uploads.
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+MAX_CACHED_CHILDREN = 256
 
 
 class Metrics:
@@ -39,6 +40,25 @@ class Metrics:
             "imgclf_predictions", "Predicted images by predicted class", ["label"], registry=self.registry
         )
         self.registry.register(ServedModelCollector(live))
+        # The children of the labelled metrics, by label values: `labels()` takes a lock each time.
+        self._responses: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._predicted: dict[str, Counter] = {}
+
+    def responded(self, route: str, method: str, status: int, started: float) -> None:
+        """One HTTP response: counted by route, method and status, timed from `started` (perf_counter)."""
+        children = self._responses.get((route, method, status))
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.latency.labels(route))
+            if len(self._responses) < MAX_CACHED_CHILDREN:  # methods and statuses come from clients
+                self._responses[(route, method, status)] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
+
+    def predicted(self, label: str) -> None:
+        child = self._predicted.get(label)
+        if child is None:
+            child = self._predicted.setdefault(label, self.predictions.labels(label))
+        child.inc()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -96,9 +116,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = route_label(scope, self.paths)
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.responded(route_label(scope, self.paths), scope["method"], status, started)
 
 
 def route_label(scope: Scope, paths: frozenset[str]) -> str:

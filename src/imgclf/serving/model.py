@@ -69,9 +69,10 @@ class ServedModel:
         sidecar = _read_sidecar(path.with_suffix(".json")) if path.suffix == ".onnx" else None
         return from_file(path, model, sidecar, None, threads, max_pixels, default_name=path.stem)
 
-    def preprocess(self, data: bytes | str | os.PathLike) -> np.ndarray:
-        """An image file (bytes or path) -> uint8 (C, H, W) for this model; BadImage if it cannot be."""
-        return decode_image(data, self.card.input, self.max_pixels)
+    def preprocess(self, data: bytes | str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+        """An image file (bytes or path) -> uint8 (C, H, W) for this model; BadImage if it cannot be,
+        or if it holds more than max_pixels (default: the server's limit)."""
+        return decode_image(data, self.card.input, max_pixels or self.max_pixels)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, C, H, W) -> float32 probabilities (N, classes)."""

@@ -25,11 +25,12 @@ def prediction(file: str, probabilities: np.ndarray, classes: tuple[str, ...], t
         order = range(len(classes))
     else:
         order = np.argsort(-probabilities, kind="stable")[:top_k].tolist()
+    values = probabilities.tolist()  # Python floats, as float() gives them, in one call
     return {
         "file": file,
         "label": classes[index],
         "index": index,
-        "probabilities": {classes[i]: float(probabilities[i]) for i in order},
+        "probabilities": {classes[i]: values[i] for i in order},
     }
 
 

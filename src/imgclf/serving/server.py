@@ -1,8 +1,12 @@
 """`imgclf serve`: load the model, then run the app under uvicorn (one process).
 
-One process is enough: predictions run in the thread pool and ONNX Runtime releases the GIL, so
-requests are classified in parallel on one shared session. uvicorn picks uvloop and httptools
-when installed (`uvicorn[standard]`), which roughly halves the per-request overhead.
+One process: a small request to a fast model is classified on the event loop (serving.fastpath),
+anything larger in the thread pool, where ONNX Runtime releases the GIL, so requests are
+classified in parallel on one shared session. One process also keeps /metrics and the model
+follower whole: workers would each count their own requests and poll the registry on their own
+(and two workers measured no faster than one on two cores, beside the clients). uvicorn picks
+uvloop and httptools when installed (`uvicorn[standard]`), which roughly halves the per-request
+overhead.
 
 Served from an alias (`models:/<name>@<alias>`), the model follows it: a thread re-resolves the
 alias every `refresh` seconds and swaps in a new version (serving.follow); it stops with the server.

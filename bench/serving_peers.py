@@ -1,0 +1,307 @@
+"""Serving throughput beside its peers: `imgclf serve`, `mlflow models serve`, and a bare ASGI app.
+
+The digits MLP comes from `dvc repro` in a committed temporary copy of the work tree (or --copy,
+a folder where the pipeline already ran); the export stage logged it to the copy's MLflow store.
+Three servers run side by side on 127.0.0.1, each on a free port in its own process group
+(stopped as a group at the end):
+
+- `imgclf serve --model models/model.onnx`, as a user starts it (default options);
+- `mlflow models serve -m models:/<logged model id> --env-manager local` on the same ONNX model;
+  its request is the image as a JSON tensor (uint8 (1, 1, 8, 8)), so it decodes no PNG;
+- a bare ASGI app under uvicorn with imgclf's uvicorn settings, that reads the same multipart body
+  as imgclf's and answers a constant: the ceiling of a Python ASGI server on this machine.
+
+Load generator: --clients Python client processes (multiprocessing, spawned), each one keep-alive
+connection (http.client) posting one 8x8 digit image per request in a closed loop: --warmup
+seconds unmeasured, then --seconds measured. Every answer's status is checked. Each round loads
+the three servers one after another (in a rotated order), so they share the machine's state;
+reported: the median over --rounds of requests/s and p99 latency, and of the per-round ratios.
+"""
+
+import argparse
+import contextlib
+import http.client
+import json
+import multiprocessing
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from common import BenchError, free_port, main_guard, pipeline_env, repo_copy, row, write_result
+from serving import image_png, pipeline_model
+
+MLFLOW_RATIO_TARGET = 2.0  # imgclf serve requests/s over mlflow models serve's
+BARE_RATIO_TARGET = 0.5  # imgclf serve requests/s over the bare ASGI app's
+SERVER_START_S = 120
+CLIENT_GRACE_S = 60  # for clients to start, connect and report, beyond the load itself
+IMGCLF, MLFLOW, BARE = "imgclf serve", "mlflow models serve", "bare ASGI"
+BOUNDARY = "imgclf-bench-boundary"
+MLFLOW_OPTIONS = ["--env-manager", "local", "--host", "127.0.0.1", "--port"]  # the port follows
+# The bare app: uvicorn as `imgclf serve` runs it (uvloop and httptools when installed, no access
+# log, no websockets), reading the whole body and answering a constant JSON.
+BARE_APP = """
+import sys, uvicorn
+ANSWER = b'{"predictions":[]}'
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": ANSWER})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), ws="none", lifespan="off",
+            access_log=False, log_level="warning", server_header=False)
+"""
+
+
+@contextlib.contextmanager
+def server_group(
+    name: str, command: list[str], cwd: Path, env: dict, health: str, log: Path
+) -> Iterator[None]:
+    """`command` in its own process group until it answers `health`; the whole group is stopped after."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                with urllib.request.urlopen(health, timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(
+                    f"{name} did not answer {health}:\n{log.read_text(errors='replace')[-2000:]}"
+                )
+            time.sleep(0.3)
+        print(f"{name}: up", flush=True)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def logged_model_id(copy: Path, store: str) -> str:
+    """The id of the ONNX model the export stage logged in the pipeline's run (`models:/<id>`)."""
+    from mlflow import MlflowClient
+
+    sidecar = json.loads((copy / "models" / "model.json").read_text(encoding="utf-8"))
+    run_id = sidecar["lineage"]["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(run_id)
+    for output in run.outputs.model_outputs if run.outputs else []:
+        if client.get_logged_model(output.model_id).name == "model":
+            return output.model_id
+    raise BenchError(f"run {run_id} in {store} has no logged model named `model`")
+
+
+def multipart(png: bytes) -> bytes:
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="digit.png"\r\n'
+    head += "Content-Type: image/png\r\n\r\n"
+    return head.encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def client(port: int, path: str, body: bytes, headers: dict, times: tuple, barrier, results) -> None:
+    """One keep-alive connection in a closed loop: after the barrier, `times[0]` s of warm-up, then
+    `times[1]` s measured; sends the latencies of the measured requests (or an error) to `results`."""
+    warmup, seconds = times
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.connect()
+    barrier.wait()
+    measured_from = time.perf_counter() + warmup
+    until = measured_from + seconds
+    latencies = []
+    try:
+        while True:
+            sent = time.perf_counter()
+            if sent >= until:
+                break
+            connection.request("POST", path, body, headers)
+            response = connection.getresponse()
+            answer = response.read()
+            answered = time.perf_counter()
+            if response.status != 200:
+                raise BenchError(f"{response.status} from 127.0.0.1:{port}{path}: {answer[:300]!r}")
+            if sent >= measured_from and answered <= until:
+                latencies.append(answered - sent)
+    except Exception as error:  # the parent reports it: a failed request spoils the figure
+        results.put(f"{type(error).__name__}: {error}")
+        return
+    results.put(latencies)
+
+
+def load(target: dict, args: argparse.Namespace) -> dict:
+    """--clients processes against one server: requests/s and latency percentiles."""
+    spawn = multiprocessing.get_context("spawn")
+    barrier, results = spawn.Barrier(args.clients), spawn.Queue()
+    work = (target["port"], target["path"], target["body"], target["headers"], (args.warmup, args.seconds))
+    processes = [spawn.Process(target=client, args=(*work, barrier, results)) for _ in range(args.clients)]
+    for process in processes:
+        process.start()
+    answers: list = []
+    deadline = time.monotonic() + args.warmup + args.seconds + CLIENT_GRACE_S
+    try:
+        while len(answers) < len(processes):
+            try:
+                answers.append(results.get(timeout=1))
+            except queue.Empty:
+                crashed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if crashed or time.monotonic() > deadline:
+                    raise BenchError(
+                        f"{target['name']}: a client crashed or hung (exit codes {crashed})"
+                    ) from None
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+    errors = [answer for answer in answers if isinstance(answer, str)]
+    if errors:
+        raise BenchError(f"{target['name']}: {errors[0]}")
+    milliseconds = np.array([latency for answer in answers for latency in answer]) * 1000
+    return {
+        "requests_per_s": round(len(milliseconds) / args.seconds, 1),
+        "p50_ms": round(float(np.percentile(milliseconds, 50)), 3),
+        "p99_ms": round(float(np.percentile(milliseconds, 99)), 3),
+        "requests": len(milliseconds),
+    }
+
+
+def one_answer(target: dict) -> bytes:
+    connection = http.client.HTTPConnection("127.0.0.1", target["port"], timeout=30)
+    connection.request("POST", target["path"], target["body"], target["headers"])
+    response = connection.getresponse()
+    answer = response.read()
+    if response.status != 200:
+        raise BenchError(f"{target['name']}: {response.status} {answer[:300]!r}")
+    return answer
+
+
+def check_same_model(imgclf: dict, mlflow: dict) -> None:
+    """Both servers answer the same probabilities for the image: they serve the same model."""
+    ours = json.loads(one_answer(imgclf))["predictions"][0]["probabilities"]
+    theirs = json.loads(one_answer(mlflow))["predictions"]["probabilities"][0]
+    if not np.allclose(list(ours.values()), theirs, atol=1e-6):
+        raise BenchError(f"the servers disagree: imgclf {ours}, mlflow {theirs}")
+
+
+def measure(copy: Path, args: argparse.Namespace, folder: Path) -> tuple[list[dict], dict]:
+    from imgclf.serving.model import ServedModel
+
+    model = copy / "models" / "model.onnx"
+    store = f"sqlite:///{copy / 'mlflow.db'}"
+    model_id = logged_model_id(copy, store)
+    png = image_png(model, folder).read_bytes()
+    pixels = ServedModel.load(str(model)).preprocess(png)[None]  # what imgclf feeds the model
+    form = {
+        "path": "/v1/predict",
+        "body": multipart(png),
+        "headers": {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+        "health": "/health",
+    }
+    bin_dir = Path(sys.prefix) / "bin"
+    targets = {
+        IMGCLF: form | {"command": [str(bin_dir / "imgclf"), "serve", "--model", str(model), "--port"]},
+        MLFLOW: {
+            "command": [
+                str(bin_dir / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                f"models:/{model_id}",
+                *MLFLOW_OPTIONS,
+            ],
+            "path": "/invocations",
+            "body": json.dumps({"inputs": pixels.tolist()}).encode(),
+            "headers": {"Content-Type": "application/json"},
+            "health": "/ping",
+        },
+        BARE: form | {"command": [sys.executable, "-c", BARE_APP]},
+    }
+    env = pipeline_env(copy) | {"MLFLOW_TRACKING_URI": store, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    env.pop("IMGCLF_TOKEN", None)
+    rounds: dict[str, list[dict]] = {name: [] for name in targets}
+    with contextlib.ExitStack() as servers:
+        for name, target in targets.items():
+            target |= {"name": name, "port": free_port()}
+            command = [*target["command"], str(target["port"])]
+            health = f"http://127.0.0.1:{target['port']}{target['health']}"
+            log = folder / f"{name.split()[0]}.log"
+            servers.enter_context(server_group(name, command, copy, env, health, log))
+        check_same_model(targets[IMGCLF], targets[MLFLOW])
+        names = list(targets)
+        for index in range(args.rounds):
+            for name in names[index % 3 :] + names[: index % 3]:
+                rounds[name].append(load(targets[name], args))
+                print(f"  round {index + 1}, {name}: {rounds[name][-1]}", flush=True)
+    return summarize(rounds, args.clients), {"model_id": model_id, "rounds": rounds}
+
+
+def ratio(ours: list[dict], theirs: list[dict]) -> float:
+    """The median over rounds of the requests/s ratio, each round's figures taken side by side."""
+    ratios = [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(ours, theirs, strict=True)]
+    return round(statistics.median(ratios), 2)
+
+
+def summarize(rounds: dict[str, list[dict]], clients: int) -> list[dict]:
+    rows = []
+    for name, figures in rounds.items():
+        throughput = statistics.median(f["requests_per_s"] for f in figures)
+        rows.append(row(f"{name}: throughput, {clients} clients", throughput, "req/s"))
+        rows.append(
+            row(f"{name}: p99, {clients} clients", statistics.median(f["p99_ms"] for f in figures), "ms")
+        )
+    mlflow_ratio, bare_ratio = ratio(rounds[IMGCLF], rounds[MLFLOW]), ratio(rounds[IMGCLF], rounds[BARE])
+    rows.append(row(f"{IMGCLF} / {MLFLOW}, requests/s", mlflow_ratio, "x", ">=", MLFLOW_RATIO_TARGET))
+    rows.append(row(f"{IMGCLF} / {BARE}, requests/s", bare_ratio, "x", ">=", BARE_RATIO_TARGET))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--copy", type=Path, help="a copy of the repo where `dvc repro` ran (default: a fresh one)"
+    )
+    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per server per round")
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="unmeasured seconds before each measurement"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the three servers (medians)")
+    args = parser.parse_args()
+    details = {"args": {k: str(v) for k, v in vars(args).items()}, "load_generator": "http.client processes"}
+    with tempfile.TemporaryDirectory(prefix="imgclf-bench-peers-") as tmp:
+        if args.copy:
+            if not (args.copy / "models" / "model.onnx").is_file():
+                raise BenchError(f"--copy {args.copy}: no models/model.onnx (run `dvc repro` there)")
+            rows, measured = measure(args.copy.resolve(), args, Path(tmp))
+        else:
+            with repo_copy() as copy:
+                pipeline_model(copy)
+                rows, measured = measure(copy, args, Path(tmp))
+    write_result("serving_peers", rows, details | measured)
+
+
+if __name__ == "__main__":
+    main_guard(main)
