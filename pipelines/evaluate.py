@@ -9,7 +9,7 @@ from imgclf.tracker import Tracker
 def main() -> None:
     paths = stage_paths(__doc__, "params", "onnx", "sidecar", "data", "metrics", "plots")
     config = load_params(paths.params)
-    with Tracker(config) as tracker:  # imports mlflow in a side process while this one evaluates
+    with Tracker(config, plots=True) as tracker:  # imports mlflow in a side process while this one evaluates
         from imgclf.evaluation import evaluate
 
         metrics = evaluate(

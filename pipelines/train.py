@@ -11,7 +11,7 @@ def main() -> None:
     config = load_params(paths.params)  # validated before torch is imported: a bad value fails in a second
     # The side process imports mlflow while this one imports torch and Lightning; under DDP only
     # global rank 0 tracks, so other ranks start it only if the launch environment hides their rank.
-    with Tracker(config, start=launched_as_rank_zero()) as tracker:
+    with Tracker(config, start=launched_as_rank_zero(), plots=True) as tracker:
         from imgclf.training import train
 
         metrics = train(

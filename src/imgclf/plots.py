@@ -8,7 +8,8 @@ from pathlib import Path
 from imgclf.fileio import atomic_path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot, drawing to files only."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +20,7 @@ def _pyplot():
 
 def draw_curves(rows: list[dict[str, float]], png_path: Path) -> None:
     """Loss and accuracy per epoch, train and val, side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [row["epoch"] for row in rows]
     for split in ("train", "val"):
@@ -37,7 +38,7 @@ def draw_curves(rows: list[dict[str, float]], png_path: Path) -> None:
 
 def draw_confusion(matrix: list[list[int]], classes: list[str], png_path: Path) -> None:
     """The confusion matrix (rows: actual class, columns: predicted), counts in the cells."""
-    plt = _pyplot()
+    plt = pyplot()
     size = max(5, 0.5 * len(classes))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="viridis")

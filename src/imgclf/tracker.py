@@ -58,8 +58,10 @@ class Reply:
 class Tracker:
     """The stage's side of the side process: calls are sent at once and made in order there."""
 
-    def __init__(self, config: Config, start: bool = True):
-        self.config = config
+    def __init__(self, config: Config, start: bool = True, plots: bool = False):
+        """`start`: start the side process now (else at the first call); `plots`: the stage will
+        draw, so the side process imports matplotlib early too."""
+        self.config, self.plots = config, plots
         self.process: subprocess.Popen | None = None
         self.sent = 0
         self.replies: dict[int, Any] = {}
@@ -166,7 +168,7 @@ class Tracker:
         )
         # As it was given (unset keys left out), so that validation there sees what it saw here.
         raw = self.config.model_dump(mode="json", exclude_unset=True)
-        self._send({"verb": "configure", "args": [raw], "reply": False})
+        self._send({"verb": "configure", "args": [raw, self.plots], "reply": False})
 
     def _call(self, verb: str, *args: Any, reply: bool = False) -> Reply | None:
         if self.discarded:
@@ -235,10 +237,14 @@ class SideProcess:
         self.failed = False
         self.closed = False
 
-    def configure(self, raw: dict) -> None:
+    def configure(self, raw: dict, plots: bool) -> None:
         from imgclf.config import validate
 
         self.config = validate(raw)
+        if plots:
+            from imgclf.plots import pyplot
+
+            pyplot()
 
     def open_run(self, data_dir: str, raw_dir: str, report: str) -> str:
         from imgclf import tracking
@@ -352,9 +358,8 @@ def serve() -> None:
         answers_out.write(json.dumps(message).encode() + b"\n")
 
     side = SideProcess(answer)
-    from mlflow.tracking import MlflowClient  # noqa: F401  # now, while the stage starts up
-
-    import imgclf.tracking  # noqa: F401  # imports mlflow's client at its first use below
+    # Now, while the stage starts up: mlflow's client, which the stage's first call needs.
+    import mlflow.tracking  # noqa: F401
 
     for line in sys.stdin.buffer:
         side.handle(json.loads(line))
