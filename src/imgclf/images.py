@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from imgclf.card import MODE_CHANNELS, InputSpec
 
@@ -43,6 +43,11 @@ RESAMPLE = Image.Resampling.BILINEAR
 # reduced image keeps at least this many pixels per output pixel, so the final filter averages
 # nearly what it would over the full image (tests/data/test_images.py measures both).
 DRAFT_MARGIN = 4
+# Where Image.getexif (Pillow 13) looks for an orientation, besides a TIFF's tags (tag_v2): an EXIF
+# block (JPEG, WebP, PNG's eXIf chunk, read by load() when it follows the pixels), a PNG text
+# chunk holding EXIF in hex, and XMP.
+ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+TURNED = frozenset(range(2, 9))  # the orientations exif_transpose turns (1 and others: as is)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 # What Pillow may raise on a corrupt or hostile file; anything else is a bug and propagates.
@@ -80,7 +85,7 @@ def decode_image_with_info(
         try:
             factor = _draft(image, spec)
             image.load()  # Image.open read the header only: decode now, so truncation fails here
-            upright = ImageOps.exif_transpose(image)
+            upright = _upright(image)
             info = SourceInfo(mode, upright.width * factor, upright.height * factor)
             pixels = np.asarray(_resize(_to_mode(upright, spec.mode), spec), dtype=np.uint8)
         except DECODE_ERRORS as error:
@@ -135,6 +140,17 @@ def _draft(image: Image.Image, spec: InputSpec) -> int:
     if factor == 1 or image.draft(None, (width // factor, height // factor)) is None:
         return 1  # small enough, or not a JPEG: only libjpeg decodes at a reduced scale
     return factor
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The loaded image as displayed: ImageOps.exif_transpose's pixels, without the copy it makes
+    of an image that needs no turning (a whole photo's pixels; a fifth of an 8x8 PNG's decode)."""
+    if not hasattr(image, "tag_v2") and not any(key in image.info for key in ORIENTATION_SOURCES):
+        return image  # nowhere for Image.getexif to find an orientation: it would answer 1
+    # getexif raises what exif_transpose would (it calls it first), and caches what it read.
+    if image.getexif().get(ExifTags.Base.Orientation, 1) not in TURNED:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:

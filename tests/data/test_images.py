@@ -359,3 +359,202 @@ def test_a_48_megapixel_jpeg_decodes_in_little_memory_and_time(tmp_path):
     assert full_peak >= 8000 * 6000 * 3  # the full decode holds every RGB pixel: 144 MB
     assert peak < 20 * 2**20, measured  # at 1/8 scale: 1000x750 pixels, 2.25 MB
     assert seconds < full_seconds / 2, measured
+
+
+def reference_decode(data, spec: InputSpec, max_pixels: int = MAX):
+    """decode_image_with_info as it was before it skipped exif_transpose where nothing can turn
+    the image: ImageOps.exif_transpose (and its copy) on every image. The rest is the module's own."""
+    from imgclf import images
+
+    with images._open(data, max_pixels) as image:
+        mode = image.mode
+        try:
+            factor = images._draft(image, spec)
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            info = images.SourceInfo(mode, upright.width * factor, upright.height * factor)
+            pixels = np.asarray(images._resize(images._to_mode(upright, spec.mode), spec), dtype=np.uint8)
+        except images.DECODE_ERRORS as error:
+            raise BadImage(f"corrupt or truncated {mode} image: {images._one_line(error)}") from None
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return np.ascontiguousarray(pixels), info
+
+
+def outcome(decode, source, spec: InputSpec):
+    try:
+        pixels, info = decode(source, spec, MAX)
+    except BadImage as error:
+        return "BadImage", str(error)
+    assert pixels.dtype == np.uint8 and pixels.flags.c_contiguous
+    return pixels.shape, pixels.tobytes(), info
+
+
+def with_orientation(orientation: int | None) -> dict:
+    if orientation is None:
+        return {}
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return {"exif": exif.tobytes()}
+
+
+def png_chunks(data: bytes) -> list[bytes]:
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        chunks.append(data[at : at + 12 + length])
+        at += 12 + length
+    return chunks
+
+
+def exif_after_the_pixels(png: bytes) -> bytes:
+    """The PNG with its eXIf chunk moved after IDAT, where Pillow reads it only at load()."""
+    chunks = png_chunks(png)
+    exif = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    assert len(exif) == 1
+    return png[:8] + b"".join(rest[:-1] + exif + rest[-1:])
+
+
+def png_text(orientation: int, key: str) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    text = PngInfo()
+    if key == "xmp":
+        text.add_itxt("XML:com.adobe.xmp", f'<x:xmpmeta><rdf:Description tiff:Orientation="{orientation}"/>')
+    else:  # EXIF in hex, as ImageMagick writes it
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        raw = b"Exif\x00\x00" + exif.tobytes()
+        text.add_text("Raw profile type exif", f"\nexif\n{len(raw):8}\n{raw.hex()}\n")
+    return encode(scene("RGB", 12, 8), "PNG", pnginfo=text)
+
+
+def scene(mode: str, width: int, height: int) -> Image.Image:
+    """An asymmetric picture, so that every turn and flip changes the pixels."""
+    rng = np.random.default_rng(width * 1000 + height)
+    rgba = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    rgba[: height // 3, : width // 2] = (255, 0, 0, 128)
+    image = Image.fromarray(rgba, "RGBA")
+    if mode == "P":
+        return image.convert("RGB").quantize(16)
+    return image.convert(mode)
+
+
+def sixteen_bit_png() -> bytes:
+    values = np.arange(12 * 8, dtype=np.uint16).reshape(8, 12) * 681
+    return encode(Image.fromarray(values), "PNG")
+
+
+def tiff_turned(orientation: int) -> bytes:
+    return encode(scene("RGB", 12, 8), "TIFF", tiffinfo={0x0112: orientation})
+
+
+def garbage_exif_jpeg() -> bytes:
+    """A JPEG whose APP1 says Exif and holds junk after the TIFF header."""
+    junk = b"Exif\x00\x00" + b"II*\x00\x08\x00\x00\x00" + b"\xff" * 40
+    return encode(scene("RGB", 12, 8), "JPEG", exif=junk)
+
+
+def gif_with_transparency() -> bytes:
+    return encode(scene("P", 12, 8), "GIF", transparency=3)
+
+
+SOURCES = {
+    **{
+        f"png-{mode}": (lambda mode=mode: encode(scene(mode, 12, 8), "PNG"))
+        for mode in ("L", "LA", "RGB", "RGBA", "P", "1")
+    },
+    "png-P-transparent": lambda: encode(scene("P", 12, 8), "PNG", transparency=2),
+    "png-RGB-transparent": lambda: encode(scene("RGB", 12, 8), "PNG", transparency=(255, 0, 0)),
+    "png-16-bit": sixteen_bit_png,
+    "png-exif-6": lambda: encode(scene("RGB", 12, 8), "PNG", **with_orientation(6)),
+    "png-exif-3-after-the-pixels": lambda: exif_after_the_pixels(
+        encode(scene("L", 12, 8), "PNG", **with_orientation(3))
+    ),
+    "png-xmp-8": lambda: png_text(8, "xmp"),
+    "png-raw-profile-5": lambda: png_text(5, "raw"),
+    **{
+        f"jpeg-{mode}-exif-{orientation}": (
+            lambda mode=mode, orientation=orientation: encode(
+                scene(mode, 12, 8), "JPEG", quality=90, **with_orientation(orientation)
+            )
+        )
+        for mode in ("RGB", "L")
+        for orientation in (None, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+    },
+    "jpeg-exif-without-orientation": lambda: encode(scene("RGB", 12, 8), "JPEG", exif=Image.Exif().tobytes()),
+    "jpeg-xmp-6": lambda: encode(scene("RGB", 12, 8), "JPEG", xmp=b'<x tiff:Orientation="6"/>'),
+    "jpeg-garbage-exif": garbage_exif_jpeg,
+    "jpeg-drafted-exif-6": lambda: encode(scene("RGB", 256, 128), "JPEG", **with_orientation(6)),
+    "jpeg-drafted": lambda: encode(scene("RGB", 256, 128), "JPEG"),
+    "gif": gif_with_transparency,
+    "bmp": lambda: encode(scene("RGB", 12, 8), "BMP"),
+    "tiff": lambda: encode(scene("RGB", 12, 8), "TIFF"),
+    "tiff-orientation-6": lambda: tiff_turned(6),
+    "webp-exif-7": lambda: encode(scene("RGB", 12, 8), "WEBP", lossless=True, **with_orientation(7)),
+    "ppm": lambda: encode(scene("RGB", 12, 8), "PPM"),
+    "truncated-png": lambda: (lambda png: png[: len(png) // 2])(encode(scene("RGB", 64, 64), "PNG")),
+    "png-header-cut": lambda: encode(scene("RGB", 64, 64), "PNG")[:20],
+    "truncated-jpeg": lambda: (lambda jpeg: jpeg[: len(jpeg) // 2])(encode(scene("RGB", 64, 64), "JPEG")),
+    "png-corrupt-pixels": lambda: (lambda png: png[:5000] + bytes(30) + png[5030:])(
+        encode(scene("RGB", 64, 64), "PNG")
+    ),
+    "text": lambda: b"just some text, named .png",
+    "empty": lambda: b"",
+    "header-claims-20-megapixels": lambda: png_header_only(5000, 4000),
+}
+SPECS = [
+    InputSpec("L", (8, 8), "stretch"),
+    InputSpec("RGB", (8, 12), "stretch"),
+    InputSpec("RGB", (5, 7), "crop"),
+    InputSpec("L", (12, 8), "crop"),
+]
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_the_decode_matches_exif_transpose_on_every_image_bit_for_bit(tmp_path, name):
+    """Skipping exif_transpose where no orientation can be read changes no pixel, size or error."""
+    data = SOURCES[name]()
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    for spec in SPECS:
+        for source in (data, path):
+            assert outcome(decode_image_with_info, source, spec) == outcome(reference_decode, source, spec), (
+                spec,
+                type(source),
+            )
+
+
+def size(info) -> tuple[int, int]:
+    return info.width, info.height
+
+
+def test_the_reference_cases_turn_fail_and_draft_as_named():
+    """The cases above cover what they say: turned images come out turned, bad ones are refused."""
+    spec = InputSpec("RGB", (8, 12), "stretch")
+    for name in (
+        "png-exif-6",
+        "png-xmp-8",
+        "png-raw-profile-5",
+        "jpeg-xmp-6",
+        "tiff-orientation-6",
+        "webp-exif-7",
+    ):
+        assert size(decode_image_with_info(SOURCES[name](), spec, MAX)[1]) == (8, 12), name  # stood up
+    assert size(decode_image_with_info(SOURCES["png-exif-3-after-the-pixels"](), spec, MAX)[1]) == (12, 8)
+    upright = decode_image(encode(scene("L", 12, 8), "PNG"), InputSpec("L", (8, 12), "stretch"), MAX)
+    turned = decode_image(SOURCES["png-exif-3-after-the-pixels"](), InputSpec("L", (8, 12), "stretch"), MAX)
+    assert np.array_equal(turned[0], upright[0, ::-1, ::-1])  # 3: turned half a circle
+    drafted = decode_image_with_info(SOURCES["jpeg-drafted-exif-6"](), InputSpec("L", (8, 8), "stretch"), MAX)
+    assert size(drafted[1]) == (128, 256)
+    for name, reason in [
+        ("truncated-png", "corrupt or truncated RGB image"),
+        ("truncated-jpeg", "corrupt or truncated RGB image"),
+        ("png-header-cut", "unreadable image header"),
+        ("png-corrupt-pixels", "corrupt or truncated RGB image"),
+        ("text", "not an image"),
+        ("empty", "empty file"),
+        ("header-claims-20-megapixels", "too many pixels"),
+    ]:
+        with pytest.raises(BadImage, match=reason):
+            decode_image(SOURCES[name](), spec, MAX)
