@@ -167,7 +167,9 @@ class TrainConfig(Section):
     optimizer: Literal["adam", "sgd"]
     momentum: Fraction
     weight_decay: Annotated[float, Field(ge=0)]
-    scheduler: Literal["cosine", "step", "none"]
+    scheduler: Literal["onecycle", "cosine", "step", "none"]  # onecycle: per step, `lr` is the peak
+    label_smoothing: Fraction  # of the training objective only: reported losses are plain cross-entropy
+    channels_last: bool  # weights and batches in NHWC: oneDNN's and cuDNN's fast convolutions
     early_stopping_patience: PositiveInt
     augment: AugmentConfig
 

@@ -230,7 +230,7 @@ def test_command_line_overrides_win_over_a_recipe():
         compose(["experiment=mnist_cnn", "train.max_epochs=1", "model.channels=[8]"], REPO / "conf")
     )
     assert (config.train.max_epochs, config.model.channels) == (1, [8])
-    assert config.train.lr == 0.003  # the rest of the recipe stays
+    assert config.train.lr == 0.01  # the rest of the recipe stays
 
 
 def test_params_command_records_a_recipe_and_check_follows_it(workspace):
@@ -244,7 +244,7 @@ def test_params_command_records_a_recipe_and_check_follows_it(workspace):
     assert imgclf(workspace, "params", "--check").returncode == 0
 
     recipe = workspace / "conf" / "experiment" / "mnist_cnn.yaml"
-    recipe.write_text(recipe.read_text().replace("max_epochs: 5", "max_epochs: 6"))
+    recipe.write_text(recipe.read_text().replace("max_epochs: 3", "max_epochs: 6"))
     done = imgclf(workspace, "params", "--check")
     assert done.returncode == 2
     assert "train.max_epochs" in done.stderr
