@@ -28,6 +28,7 @@ BENCHMARKS = [
     "tracking",
     "ddp",
     "sweep",
+    "isa",
 ]
 
 
