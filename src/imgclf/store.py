@@ -67,8 +67,9 @@ def prepare_store(uri: str) -> None:
     path = Path(uri.removeprefix("sqlite:///"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(path.with_name(path.name + ".lock"), path):
-            state = _schema_state(path)
+        lock = path.with_name(path.name + ".lock")
+        with _exclusive(lock, path):
+            state = _schema_state(path, lock)
             if state != "current":
                 _build(path, migrate=state == "old")
     except OSError as error:  # a read-only folder, a full disk
@@ -97,7 +98,7 @@ def _exclusive(lock_path: Path, store: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _schema_state(path: Path) -> str:
+def _schema_state(path: Path, lock: Path) -> str:
     """'missing', 'current' or 'old' (an older MLflow's schema); StoreError if damaged."""
     if not path.exists() or path.stat().st_size == 0:
         return "missing"
@@ -113,9 +114,23 @@ def _schema_state(path: Path) -> str:
             version = db.execute("SELECT version_num FROM alembic_version").fetchone()
     except sqlite3.DatabaseError as error:
         raise _damaged(path, f"sqlite cannot read it ({error})") from None
+    return "current" if version and version[0] == _latest_revision(lock) else "old"
+
+
+def _latest_revision(lock: Path) -> str:
+    """The schema revision this MLflow creates. Alembic finds it by loading every migration script
+    (0.5 s), so it is kept in the store's lock file, by MLflow version, for the next process."""
+    from importlib.metadata import version
+
+    installed = version("mlflow")
+    cached = lock.read_text(encoding="utf-8").split() if lock.exists() else []
+    if len(cached) == 2 and cached[0] == installed:
+        return cached[1]
     from mlflow.store.db.utils import _get_latest_schema_revision
 
-    return "current" if version and version[0] == _get_latest_schema_revision() else "old"
+    revision = _get_latest_schema_revision()
+    lock.write_text(f"{installed} {revision}\n", encoding="utf-8")  # under the lock: one writer
+    return revision
 
 
 def _build(path: Path, migrate: bool) -> None:

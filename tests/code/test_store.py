@@ -75,3 +75,18 @@ def test_a_failed_creation_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="could not create it: disk full"):
         prepare_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db.lock"]
+
+
+def test_the_latest_schema_revision_is_kept_by_mlflow_version(tmp_path):
+    from importlib.metadata import version
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    from imgclf.store import _latest_revision
+
+    lock = tmp_path / "mlflow.db.lock"
+    lock.write_text("0.0.1 stale-revision\n")  # another MLflow's: computed again, and kept
+    assert _latest_revision(lock) == _get_latest_schema_revision()
+    assert lock.read_text().split() == [version("mlflow"), _get_latest_schema_revision()]
+    lock.write_text(f"{version('mlflow')} cached-revision\n")  # this MLflow's: read, not computed
+    assert _latest_revision(lock) == "cached-revision"

@@ -158,6 +158,19 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
     assert done.stderr.strip() == "imgclf: interrupted"
 
 
+def test_a_stage_without_teardown_exits_0_with_its_output_flushed_and_skips_atexit():
+    code = (
+        "import atexit\n"
+        "from imgclf.errors import run_or_exit\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "run_or_exit(lambda: print('stage output', end=''), teardown=False)\n"
+        "print('not reached')\n"
+    )
+    command = [sys.executable, "-c", code]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=tool_env(REPO))
+    assert (done.returncode, done.stdout) == (0, "stage output")
+
+
 def test_a_run_deleted_in_the_ui_is_not_taken_for_the_pipelines_run(config):
     run_id = tracking.start_run(config, {})
     assert tracking.existing_run(config, run_id) == run_id
