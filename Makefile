@@ -7,7 +7,7 @@ PLOTS_PAGE := .dvc/plots/index.html
 VEGA := .dvc/plots/node_modules
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lint format ui serve bench clean browser-deps server-deps server \
+.PHONY: install run test test-all lint format ui serve bench clean browser-deps server-deps server \
 	register gate challenger champion rollback metrics-diff team-server remote push pull
 
 install: $(VENV)/.installed $(PLOTS_PAGE)
@@ -46,7 +46,12 @@ format: install
 	ruff check --fix .
 	ruff format .
 
+# Tests marked slow (minutes each) run where CI is set (GitHub Actions and .ci/run set it), and
+# always with `make test-all`: a local `make test` stays within 15 minutes.
 test: lint browser-deps server-deps
+	pytest $(if $(CI),,-m "not slow")
+
+test-all: lint browser-deps server-deps
 	pytest
 
 # The web page's browser test drives Debian's chromium and chromedriver (no download at test time).

@@ -55,6 +55,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_two_cpu_processes_each_train_on_half_the_epoch(digits_dirs, tmp_path):
     from imgclf.data.normalized import load_split
 
@@ -201,6 +202,7 @@ def checkpoint(root: Path) -> dict:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_two_nodes_train_the_weights_one_process_trains_with_the_same_global_batch(two_nodes, even_digits):
     from imgclf.data.normalized import load_split
 
@@ -216,6 +218,7 @@ def test_two_nodes_train_the_weights_one_process_trains_with_the_same_global_bat
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_only_the_first_node_tracks_and_writes(two_nodes):
     import json
 
@@ -231,6 +234,7 @@ def test_only_the_first_node_tracks_and_writes(two_nodes):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_trainer_ddp_with_two_devices_starts_two_processes(even_digits, tmp_path):
     from imgclf.data.normalized import load_split
 
@@ -255,6 +259,7 @@ MISMATCH = "but trainer.devices x trainer.num_nodes = 1 x 1 = 1"
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_node_whose_world_size_differs_from_the_config_stops_in_one_line(even_digits, tmp_path):
     """The environment says 2 nodes x 1 process, the config 1 node (num_nodes left at 1). The
     other checks of the launch (NODE_RANK, torchrun's LOCAL_WORLD_SIZE) are unit-tested."""
@@ -282,6 +287,7 @@ def test_a_node_whose_world_size_differs_from_the_config_stops_in_one_line(even_
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_torchrun_with_a_one_process_config_trains_nothing(even_digits, tmp_path):
     """torchrun's two processes against trainer=cpu: once two complete trainings, both rank 0."""
     root = machine(tmp_path / "repo", even_digits, SMALL)

@@ -10,7 +10,7 @@ import pytest
 from bench.common import copy_repo
 from tests.conftest import run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 URL = "s3://imgclf/imgclf"
 STAGES = ("normalize", "train", "export", "evaluate")

@@ -233,6 +233,7 @@ def mlflow_runs(store: Path) -> dict[str, dict]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_two_workers_in_two_clones_share_a_postgresql_study_and_a_third_clone_applies_the_best(
     postgres_url, tmp_path
 ):
@@ -297,6 +298,7 @@ def test_two_workers_in_two_clones_share_a_postgresql_study_and_a_third_clone_ap
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_trial_that_trails_the_median_is_pruned_mid_training(tmp_path):
     import optuna
 
@@ -323,6 +325,7 @@ def test_a_trial_that_trails_the_median_is_pruned_mid_training(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_ctrl_c_stops_the_running_trial_and_tells_the_study(tmp_path):
     import optuna
 

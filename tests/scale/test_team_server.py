@@ -22,7 +22,7 @@ import yaml
 from tests.conftest import REPO, tool_env
 from tests.scale.conftest import ARTIFACTS_PREFIX, BUCKET, client_env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 WORKERS = 8
 EPOCHS = 20

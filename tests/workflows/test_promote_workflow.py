@@ -20,7 +20,7 @@ from bench.common import copy_repo, git_commit
 from tests.conftest import run as run_tool
 from tests.workflows.runner import JobResult, Run, StepResult, run_workflow
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 APPROVED = ("registry", "production")  # the environments whose reviewers said yes
 # Another model, quick to train; the pull request trains the same one as the third push, so after
