@@ -243,8 +243,11 @@ class SideProcess:
 
         self.config = validate(raw)
         # Ahead of the first call that needs them, while the stage is still busy: the store (a
-        # sqlite file is created or checked against MLflow's schema, 0.8 s) and the plotting library.
-        tracking.client(self.config)
+        # sqlite file is checked against MLflow's schema) and the plotting library. Only a store
+        # that is there: a stage that stops before its first call (a wrong DDP launch) creates none.
+        uri = tracking.tracking_uri(self.config)
+        if uri.startswith(("http://", "https://")) or Path(uri.removeprefix("sqlite:///")).is_file():
+            tracking.client(self.config)
         if plots:
             from imgclf.plots import pyplot
 
