@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,41 @@ SERVER_START_S = 120  # it answers /health after 15-30 s on 2 cores; more under 
 
 
 @contextlib.contextmanager
+def server_group(
+    name: str, command: list[str], cwd: Path, env: dict, health: str, log: Path
+) -> Iterator[None]:
+    """`command` in its own process group until it answers `health`; the whole group is stopped after."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                with urllib.request.urlopen(health, timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(
+                    f"{name} did not answer {health}:\n{log.read_text(errors='replace')[-2000:]}"
+                )
+            time.sleep(0.3)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextlib.contextmanager
 def mlflow_server(
     folder: Path,
     backend_uri: str | None = None,
@@ -96,8 +132,6 @@ def mlflow_server(
     What a team runs (`make server`, `make team-server`): one worker, no job runner (half the
     memory), in its own process group, which is killed as a whole afterwards.
     """
-    import urllib.request
-
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     backend_uri = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
@@ -109,35 +143,10 @@ def mlflow_server(
         str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_uri,
     ]  # fmt: skip
-    log = (folder / "server.log").open("wb")
-    process = subprocess.Popen(
-        cmd, cwd=folder, env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = (folder / "server.log").read_text(errors="replace")[-2000:]
-                raise BenchError(f"mlflow server on {url} did not answer /health:\n{tail}")
-            time.sleep(0.5)
+    log = folder / "server.log"
+    with server_group(f"mlflow server on {url}", cmd, folder, server_env, f"{url}/health", log):
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 POSTGRES_BIN = "/usr/lib/postgresql"  # Debian's layout: /usr/lib/postgresql/<major>/bin

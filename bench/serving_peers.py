@@ -23,25 +23,19 @@ import contextlib
 import http.client
 import json
 import multiprocessing
-import os
 import queue
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from common import BenchError, free_port, main_guard, pipeline_env, repo_copy, row, write_result
+from common import BenchError, free_port, main_guard, pipeline_env, repo_copy, row, server_group, write_result
 from serving import image_png, pipeline_model
 
 MLFLOW_RATIO_TARGET = 2.0  # imgclf serve requests/s over mlflow models serve's
 BARE_RATIO_TARGET = 0.5  # imgclf serve requests/s over the bare ASGI app's
-SERVER_START_S = 120
 CLIENT_GRACE_S = 60  # for clients to start, connect and report, beyond the load itself
 IMGCLF, MLFLOW, BARE = "imgclf serve", "mlflow models serve", "bare ASGI"
 BOUNDARY = "imgclf-bench-boundary"
@@ -64,42 +58,6 @@ async def app(scope, receive, send):
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), ws="none", lifespan="off",
             access_log=False, log_level="warning", server_header=False)
 """
-
-
-@contextlib.contextmanager
-def server_group(
-    name: str, command: list[str], cwd: Path, env: dict, health: str, log: Path
-) -> Iterator[None]:
-    """`command` in its own process group until it answers `health`; the whole group is stopped after."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            try:
-                with urllib.request.urlopen(health, timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(
-                    f"{name} did not answer {health}:\n{log.read_text(errors='replace')[-2000:]}"
-                )
-            time.sleep(0.3)
-        print(f"{name}: up", flush=True)
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def logged_model_id(copy: Path, store: str) -> str:
@@ -249,6 +207,7 @@ def measure(copy: Path, args: argparse.Namespace, folder: Path) -> tuple[list[di
             health = f"http://127.0.0.1:{target['port']}{target['health']}"
             log = folder / f"{name.split()[0]}.log"
             servers.enter_context(server_group(name, command, copy, env, health, log))
+            print(f"{name}: up", flush=True)
         check_same_model(targets[IMGCLF], targets[MLFLOW])
         names = list(targets)
         for index in range(args.rounds):

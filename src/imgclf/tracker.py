@@ -29,6 +29,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from imgclf import tracking
 from imgclf.config import Config
 from imgclf.errors import ImgclfError
 
@@ -238,7 +239,6 @@ class SideProcess:
         self.closed = False
 
     def configure(self, raw: dict, plots: bool, model: bool) -> None:
-        from imgclf import tracking
         from imgclf.config import validate
 
         self.config = validate(raw)
@@ -256,8 +256,6 @@ class SideProcess:
             tracking.prepare_model_logging()
 
     def open_run(self, data_dir: str, raw_dir: str, report: str) -> str:
-        from imgclf import tracking
-
         tags = tracking.lineage(self.config, Path(data_dir), Path(raw_dir))
         self._follow(tracking.start_run(self.config, tags))
         tracking.log_dataset(self.config, self.run_id, tags, Path(report))
@@ -265,8 +263,6 @@ class SideProcess:
         return self.run_id
 
     def adopt_run(self, run_id: str | None, data_dir: str, raw_dir: str) -> dict:
-        from imgclf import tracking
-
         tags = tracking.lineage(self.config, Path(data_dir), Path(raw_dir))
         if run_id and tracking.existing_run(self.config, run_id):
             self._follow(run_id)
@@ -275,32 +271,22 @@ class SideProcess:
         return {"run_id": self.run_id, "lineage": tags}
 
     def use_run(self, run_id: str) -> None:
-        from imgclf import tracking
-
         existing = tracking.existing_run(self.config, run_id)
         self.run_id, self.finished = existing, existing is None
 
     def log_metric_history(self, points: list[list]) -> None:
-        from imgclf import tracking
-
         if self.run_id:
             tracking.log_metric_history(self.config, self.run_id, [tuple(point) for point in points])
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        from imgclf import tracking
-
         if self.run_id:
             tracking.log_metrics(self.config, self.run_id, metrics)
 
     def log_artifacts(self, paths: list[str], artifact_path: str | None) -> None:
-        from imgclf import tracking
-
         if self.run_id:
             tracking.log_artifacts(self.config, self.run_id, [Path(p) for p in paths], artifact_path)
 
     def log_onnx_model(self, onnx_path: str, example: list, parity: dict, sidecar: str) -> None:
-        from imgclf import tracking
-
         if self.run_id:
             tracking.log_onnx_model(self.config, self.run_id, Path(onnx_path), example, parity, Path(sidecar))
 
@@ -321,8 +307,6 @@ class SideProcess:
         self.closed = True
 
     def finish(self, status: str) -> None:
-        from imgclf import tracking
-
         if self.run_id and not self.finished:
             tracking.client(self.config).set_terminated(self.run_id, status)
         self.finished = True

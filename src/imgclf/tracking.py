@@ -256,6 +256,8 @@ def log_onnx_model(
 
     proto = onnx.load(onnx_path)
     example_input = np.asarray(example, dtype=np.uint8)
+    # A plain session for two images, not imgclf.runtime's: every stage that tracks would then
+    # depend on runtime.py, and a change to how evaluate builds sessions would retrain.
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     inputs, outputs = session.get_inputs()[0].name, session.get_outputs()[0].name
     probabilities = session.run([outputs], {inputs: example_input})[0]
