@@ -34,7 +34,7 @@ $(PLOTS_PAGE): .dvc/plots/package-lock.json
 run: install
 	imgclf params --check
 	dvc repro
-	python -m imgclf.summary
+	python -m imgclf.tracking.summary
 
 lint: install
 	ruff check .
@@ -77,7 +77,7 @@ server-deps:
 	else echo "server-deps: install PostgreSQL 15 for the scale-out tests"; fi
 
 ui: install
-	@python -m imgclf.summary --ui http://127.0.0.1:5000
+	@python -m imgclf.tracking.summary --ui http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # The pipeline's model: HTTP API and web page on http://127.0.0.1:8000/ (IMGCLF_TOKEN=... for a token).

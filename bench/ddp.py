@@ -66,7 +66,8 @@ SEED = 0
 
 def digits_folders(root: Path) -> tuple[Path, Path]:
     """data/raw/digits and data/normalized as the pipeline makes them (default config)."""
-    from imgclf.config import compose, validate
+    from imgclf.config.compose import compose
+    from imgclf.config.operations import validate
     from imgclf.data.download import download
     from imgclf.data.normalize import normalize
 
@@ -116,11 +117,13 @@ def worker(args: argparse.Namespace) -> None:
     from lightning.pytorch.strategies import DDPStrategy
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from imgclf.config import compose, validate
+    from imgclf.config.compose import compose
+    from imgclf.config.operations import validate
     from imgclf.data.datamodule import ImageDataModule
     from imgclf.data.normalized import load_card
     from imgclf.models import build_model
-    from imgclf.training import ImageClassifier, quiet_lightning
+    from imgclf.stages.training.module import ImageClassifier
+    from imgclf.stages.training.trainer import quiet_lightning
 
     quiet_lightning()
     torch.set_num_threads(args.threads)
@@ -285,7 +288,7 @@ def compare_loop(workload: str, data: Path, scratch: Path, repeats: int) -> dict
 def compare_stage(raw: Path, normalized: Path, scratch: Path, repeats: int) -> dict:
     """`python pipelines/train.py` (dvc.yaml's command), default config: one process with batch
     128 against two nodes with 64; each node in a folder of its own, one MLflow store each side."""
-    from imgclf.config import write_params
+    from imgclf.config.compose import write_params
 
     # one process as `dvc repro` runs it (torch's default threads: 2 here), and with one thread
     sides = {

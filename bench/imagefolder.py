@@ -61,7 +61,8 @@ def generate(raw: Path, images: int, classes: int, size: int, fmt: str, workers:
 
 def child(data: Path, size: int, workers: int) -> None:
     """Run normalize as the stage does; print timings and exact peak RSS as one JSON line."""
-    from imgclf.config import compose, validate
+    from imgclf.config.compose import compose
+    from imgclf.config.operations import validate
     from imgclf.data.normalize import normalize
     from imgclf.data.sources import imagefolder
 

@@ -1,4 +1,4 @@
-"""The train stage under two CPU instruction-set caps (imgclf.cpu): same files? what does a cap cost?
+"""The train stage under two CPU instruction-set caps (imgclf.stages.cpu): same files? what does a cap cost?
 
 Runs in a committed temporary copy of the work tree: `dvc repro export` once (uncapped), then
 `dvc repro -f -s train export` --runs times per cap, the caps taking turns so that both see the
@@ -28,7 +28,7 @@ from common import (
     write_result,
 )
 
-from imgclf.cpu import CPU_ISA_ENV, CPU_ISA_VARIABLES, cap_cpu_isa
+from imgclf.stages.cpu import CPU_ISA_ENV, CPU_ISA_VARIABLES, cap_cpu_isa
 
 REPRO_STAGES = ["dvc", "repro", "--force", "--single-item", "train", "export"]
 

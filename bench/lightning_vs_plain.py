@@ -5,14 +5,14 @@ conf/ with the workload's overrides) with Adam, no scheduler, for the same epoch
 seeded TensorBatches, and both keep what the train stage reports: the summed loss and accuracy
 of each epoch. The workload's config also sets the batch size, the precision (bf16 autocast),
 the memory format (channels_last) and the label smoothing, which both sides apply alike.
-Lightning: imgclf.training.ImageClassifier fitted by a CPU Trainer, timed around `trainer.fit`
+Lightning: imgclf.stages.training.module.ImageClassifier fitted by a CPU Trainer, timed around `trainer.fit`
 as the train stage does. Plain: model.train(), zero_grad, forward, backward, step.
 Tracked: the Lightning side plus the train stage's MLflow callback on a real sqlite store, with
 the default flush interval and with a write every epoch.
 Runs alternate (plain, lightning, tracked, ...) after a one-epoch warm-up of each; the best of
 --repeats is reported. torch.use_deterministic_algorithms(True) holds for all, as Lightning's
 deterministic=True sets it for the whole process (without its NaN fills of new tensors, which the
-train stage turns off too: imgclf.training.make_trainer).
+train stage turns off too: imgclf.stages.training.trainer.make_trainer).
 
 Lightning costs a fixed time per optimizer step (its hooks and loop bookkeeping), so the ratio
 depends on how long a step takes: the workloads go from the default digits MLP (about 1 ms a
@@ -36,13 +36,15 @@ from common import ROOT, main_guard, row, write_result
 from torch import nn
 from torch.nn import functional as F
 
-from imgclf import tracking
 from imgclf.card import InputSpec, ModelCard, Normalization
-from imgclf.config import Config, compose, validate
+from imgclf.config.compose import compose
+from imgclf.config.operations import Config, validate
 from imgclf.data.datamodule import TensorBatches
 from imgclf.data.normalize import ChannelStats
 from imgclf.models import build_model
-from imgclf.training import EpochCurves, ImageClassifier, MlflowEpochMetrics
+from imgclf.stages.training.callbacks import EpochCurves, MlflowEpochMetrics
+from imgclf.stages.training.module import ImageClassifier
+from imgclf.tracking import client as tracking
 
 RATIO_TARGET = 0.97
 RECIPE_RATIO_TARGET = 0.95  # the mnist_cnn recipe, whose steps are the train stage's real work

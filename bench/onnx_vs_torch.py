@@ -1,7 +1,7 @@
 """Inference speed of the exported ONNX model in ONNX Runtime vs the same network in PyTorch.
 
-ONNX Runtime: imgclf.evaluation.inference_session (CPU, intra-op threads 0 = ORT's default).
-PyTorch: imgclf.export.Probabilities around the network of imgclf.models.load_checkpoint, eager,
+ONNX Runtime: imgclf.stages.evaluation.inference_session (CPU, intra-op threads 0 = ORT's default).
+PyTorch: imgclf.stages.export.Probabilities around the network of imgclf.models.load_checkpoint, eager,
 in torch.inference_mode(), at torch's default thread count. Both take uint8 numpy images and
 return numpy probabilities. Batch-1 latency: median over --latency-runs after a warm-up;
 batch throughput: full batches for at least --seconds. Engines alternate, best of --rounds.
@@ -48,9 +48,9 @@ def throughput(predict: Callable, batch: np.ndarray, seconds: float) -> float:
 def engines(checkpoint: Path, onnx_path: Path) -> tuple[dict[str, Callable], dict]:
     import torch
 
-    from imgclf.export import Probabilities
     from imgclf.models import load_checkpoint
     from imgclf.runtime import inference_session
+    from imgclf.stages.export import Probabilities
 
     trained = load_checkpoint(checkpoint)
     model = Probabilities(trained.net).eval()

@@ -6,7 +6,7 @@ full run, so they include DVC's own work between stages (hashing, lock file upda
 
 Then each stage's command runs once more on its own under `python -X importtime`: its wall time
 there, and the share of it the stage process spent importing (the top-level imports' cumulative
-times; the profiler inflates them somewhat). The tracking process (imgclf.tracker) imports mlflow
+times; the profiler inflates them somewhat). The tracking process (imgclf.tracking.worker) imports mlflow
 in parallel, on the other core: its imports are profiled apart, as "tracking process imports".
 """
 
@@ -73,7 +73,8 @@ def profile_stages(copy: Path, env: dict[str, str]) -> dict[str, dict]:
             raise BenchError(f"stage {name} under -X importtime failed:\n{done.stderr[-2000:]}")
         seconds, top = import_seconds(done.stderr)
         profiles[name] = {"wall_s": round(wall, 2), "import_s": round(seconds, 2), "top": top}
-    code = "import imgclf.tracker, imgclf.tracking, mlflow.tracking"  # what the side process imports first
+    # What the side process imports first.
+    code = "import imgclf.tracking.worker, imgclf.tracking.client, mlflow.tracking"
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code], cwd=copy, env=env, capture_output=True, text=True
     )

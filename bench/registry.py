@@ -31,7 +31,8 @@ CHILD = """
 import json, sys, time
 started = time.perf_counter()
 import mlflow.utils.rest_utils as rest
-from imgclf import cli, promotion, registry  # what the command imports, before it starts
+from imgclf import cli
+from imgclf.registry import client as registry, promotion  # what the command imports, before it starts
 imported = time.perf_counter()
 calls = []
 real = rest.http_request

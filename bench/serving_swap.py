@@ -55,8 +55,8 @@ def train_mlp(images: np.ndarray, labels: np.ndarray, seed: int):
 
     from imgclf.card import InputSpec, ModelCard, Normalization
     from imgclf.data.normalize import ChannelStats
-    from imgclf.export import Probabilities
     from imgclf.models.normalization import Normalize
+    from imgclf.stages.export import Probabilities
 
     stats = ChannelStats()
     stats.update(images)
@@ -89,8 +89,8 @@ def build_store(folder: Path, images: np.ndarray, labels: np.ndarray) -> str:
     import torch
     from mlflow import MlflowClient
 
-    from imgclf.export import to_onnx
-    from imgclf.store import prepare_store
+    from imgclf.stages.export import to_onnx
+    from imgclf.tracking.store import prepare_store
 
     store = f"sqlite:///{folder / 'mlflow.db'}"
     prepare_store(store)

@@ -2,7 +2,7 @@
 
 from imgclf.data import watch
 from imgclf.errors import run_or_exit
-from imgclf.stage import stage_paths
+from imgclf.stages.args import stage_paths
 
 
 def main() -> None:
@@ -11,10 +11,10 @@ def main() -> None:
     if watch.is_current(paths.raw, current):
         print(f"download: {paths.raw} is up to date")
         return
-    from imgclf.config import load_params
+    from imgclf.config.pipeline import load_pipeline
     from imgclf.data.download import download
 
-    config = load_params(paths.params)
+    config = load_pipeline(paths.params)
     download(config.data, paths.raw)
     watch.record(paths.raw, current)
     print(f"download: {config.data.name} -> {paths.raw}")

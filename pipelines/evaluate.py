@@ -1,16 +1,16 @@
 """DVC stage `evaluate`: ONNX Runtime on the test split -> metrics/eval.json and the confusion matrix."""
 
-from imgclf.config import load_params
+from imgclf.config.pipeline import load_pipeline
 from imgclf.errors import run_or_exit
-from imgclf.stage import stage_paths
-from imgclf.tracker import Tracker
+from imgclf.stages.args import stage_paths
+from imgclf.tracking.worker import Tracker
 
 
 def main() -> None:
     paths = stage_paths(__doc__, "params", "onnx", "sidecar", "data", "metrics", "plots")
-    config = load_params(paths.params)
+    config = load_pipeline(paths.params)
     with Tracker(config, plots=True) as tracker:  # imports mlflow in a side process while this one evaluates
-        from imgclf.evaluation import evaluate
+        from imgclf.stages.evaluation import evaluate
 
         metrics = evaluate(
             config,

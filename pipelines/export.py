@@ -1,16 +1,16 @@
 """DVC stage `export`: models/model.ckpt -> models/model.onnx (parity-gated) and models/model.json."""
 
-from imgclf.config import load_params
+from imgclf.config.pipeline import load_pipeline
 from imgclf.errors import run_or_exit
-from imgclf.stage import stage_paths
-from imgclf.tracker import Tracker
+from imgclf.stages.args import stage_paths
+from imgclf.tracking.worker import Tracker
 
 
 def main() -> None:
     paths = stage_paths(__doc__, "params", "checkpoint", "data", "raw", "onnx", "sidecar")
-    config = load_params(paths.params)
+    config = load_pipeline(paths.params)
     with Tracker(config, model=True) as tracker:  # imports mlflow in a side process, this one torch
-        from imgclf.export import export
+        from imgclf.stages.export import export
 
         sidecar = export(
             config,

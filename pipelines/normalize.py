@@ -1,14 +1,14 @@
 """DVC stage `normalize`: split data/raw/<name>/ into canonical uint8 arrays in data/normalized/."""
 
-from imgclf.config import load_params
+from imgclf.config.pipeline import load_pipeline
 from imgclf.data.normalize import normalize
 from imgclf.errors import run_or_exit
-from imgclf.stage import stage_paths
+from imgclf.stages.args import stage_paths
 
 
 def main() -> None:
     paths = stage_paths(__doc__, "params", "raw", "out")
-    config = load_params(paths.params)
+    config = load_pipeline(paths.params)
     report = normalize(config.data, config.seed, paths.raw, paths.out)
     bad = f", {len(report['bad_files'])} bad files skipped (see report.json)" if report["bad_files"] else ""
     print(

@@ -34,7 +34,8 @@ def tool_env(root: Path) -> dict[str, str]:
 
 def compose_config(*overrides: str):
     """The validated config that `imgclf params OVERRIDE...` would give: conf/'s defaults, no others."""
-    from imgclf.config import compose, validate
+    from imgclf.config.compose import compose
+    from imgclf.config.operations import validate
 
     return validate(compose(list(overrides), REPO / "conf"))
 
@@ -43,7 +44,8 @@ def data_config(name: str, **keys):
     """The `data` section of `data=<name>` as conf/ composes it, with `keys` over it, validated."""
     from pydantic import TypeAdapter
 
-    from imgclf.config import DataChoice, compose
+    from imgclf.config.compose import compose
+    from imgclf.config.pipeline import DataChoice
 
     data = compose([f"data={name}"], REPO / "conf")["data"] | keys
     return TypeAdapter(DataChoice).validate_python(data)
@@ -115,10 +117,10 @@ def train_digits_network(digits_splits, crop_padding: int = 0) -> tuple:
     import torch
     from torch.nn import functional
 
-    from imgclf.config import AugmentConfig
+    from imgclf.config.pipeline import AugmentConfig
     from imgclf.data.augment import BatchAugment
-    from imgclf.export import Probabilities
     from imgclf.models import build_model
+    from imgclf.stages.export import Probabilities
 
     images, labels = digits_splits["train"]
     card = digits_splits["card"]
@@ -146,7 +148,7 @@ def export_model(digits_network: tuple, folder: Path, resize: str) -> Path:
     """model.onnx and its sidecar model.json, as the export stage lays them out in models/."""
     from dataclasses import replace
 
-    from imgclf.export import to_onnx
+    from imgclf.stages.export import to_onnx
 
     model, example, card = digits_network
     card = replace(card, input=replace(card.input, resize=resize))

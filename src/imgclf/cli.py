@@ -32,13 +32,13 @@ def params_epilog() -> str:
     """The config groups and choices of conf/ as it is now, then examples."""
     from pathlib import Path
 
-    from imgclf import config
+    from imgclf.config import compose
 
-    conf_dir = Path(config.CONF_DIR)
+    conf_dir = Path(compose.CONF_DIR)
     if not conf_dir.is_dir():
         where = f"no {conf_dir}/ folder in {Path.cwd()}: run imgclf params from the repository's root"
         return f"config groups: {where}\n\n{PARAMS_EXAMPLES}"
-    groups = config.group_choices(conf_dir)
+    groups = compose.group_choices(conf_dir)
     width = max((len(group) for group in groups), default=0)
     lines = [f"  {group:<{width}}  {' '.join(choices)}" for group, choices in groups.items()]
     header = f"config groups in {conf_dir}/ (pick one choice with GROUP=CHOICE):"
@@ -71,7 +71,7 @@ class VersionAction(argparse.Action):
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    from imgclf import config
+    from imgclf.config import compose as config
 
     if args.check:
         overrides = config.params_overrides()
@@ -123,12 +123,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def registry_config(overrides: list[str]):
     """params.yaml's config, with `promote.*` OVERRIDEs (or `promote=CHOICE`) applied over it."""
-    from imgclf import config
-    from imgclf.store import repo_root
+    from imgclf.config.compose import CONF_DIR, compose, params_overrides
+    from imgclf.config.operations import load_params, validate
+    from imgclf.config.pipeline import PARAMS_FILE
+    from imgclf.tracking.store import repo_root
 
-    params = repo_root() / config.PARAMS_FILE
+    params = repo_root() / PARAMS_FILE
     if not overrides:
-        return config.load_params(params)
+        return load_params(params)
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
         if key != "promote" and not key.startswith("promote."):
@@ -136,9 +138,9 @@ def registry_config(overrides: list[str]):
                 f"{override}: only the gates can be changed here (promote.KEY=VALUE or promote=CHOICE); "
                 "other keys are the pipeline's: `imgclf params` and `dvc repro`"
             )
-    conf_dir = repo_root() / config.CONF_DIR
-    composed = config.compose(config.params_overrides(conf_dir, params) + overrides, conf_dir)
-    return config.validate(composed)
+    conf_dir = repo_root() / CONF_DIR
+    composed = compose(params_overrides(conf_dir, params) + overrides, conf_dir)
+    return validate(composed)
 
 
 def append_outputs(path: str | None, text: str) -> None:
@@ -149,8 +151,8 @@ def append_outputs(path: str | None, text: str) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from imgclf import promotion
-    from imgclf.store import repo_root
+    from imgclf.registry import promotion
+    from imgclf.tracking.store import repo_root
 
     config = registry_config([])
     version, created = promotion.register(config, repo_root())
@@ -165,8 +167,8 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_promote(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from imgclf import promotion
-    from imgclf.store import repo_root
+    from imgclf.registry import promotion
+    from imgclf.tracking.store import repo_root
 
     config = registry_config(args.overrides)
     outcome = promotion.promote(
@@ -190,7 +192,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    from imgclf import promotion
+    from imgclf.registry import promotion
 
     message = promotion.rollback(registry_config([]), args.to, args.reason)
     print(message)
@@ -202,8 +204,8 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 def cmd_models(args: argparse.Namespace) -> None:
     import json
 
-    from imgclf import promotion
-    from imgclf.registry import Registry
+    from imgclf.registry import promotion
+    from imgclf.registry.client import Registry
 
     config = registry_config([])
     if args.history:
@@ -232,8 +234,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from imgclf import sweep
-    from imgclf.store import repo_root
+    from imgclf.sweep import study as sweep
+    from imgclf.tracking.store import repo_root
 
     sweep.sweep(repo_root(), args.overrides, args.trials, args.storage, args.study, args.remote)
 

@@ -9,7 +9,9 @@ from importlib.metadata import version
 import pytest
 import yaml
 
-from imgclf.config import Config, compose, flatten, params_drift, validate
+from imgclf.config.compose import compose, params_drift
+from imgclf.config.operations import Config, validate
+from imgclf.config.pipeline import flatten
 from imgclf.errors import ConfigError
 from tests.conftest import REPO
 
@@ -286,7 +288,7 @@ def test_drift_advice_keeps_the_recorded_overrides(workspace):
     "path", ["a\\b", "a\\", "it's", "x${y}", "~/.cache", "a b", "", "1e-3", "true", "a=b,c"]
 )
 def test_inferred_overrides_give_back_any_string(path):
-    from imgclf.config import inferred_overrides
+    from imgclf.config.compose import inferred_overrides
 
     params = compose(["data=imagefolder", "data.path=/x"], REPO / "conf")
     params["data"]["path"] = path

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from imgclf.cpu import CPU_ISA_ENV, CPU_ISA_VARIABLES, cap_cpu_isa
+from imgclf.stages.cpu import CPU_ISA_ENV, CPU_ISA_VARIABLES, cap_cpu_isa
 from tests.conftest import REPO, tool_env
 
 # A child that caps the kernels, then imports torch and runs a convolution (oneDNN): what it chose.
 CHILD = """
 import json, sys
-from imgclf.cpu import cap_cpu_isa
+from imgclf.stages.cpu import cap_cpu_isa
 cap_cpu_isa(sys.argv[1])
 import torch
 torch.nn.Conv2d(1, 8, 3)(torch.zeros(16, 1, 28, 28))
@@ -102,6 +102,6 @@ def test_a_users_variable_wins_over_the_cap():
 def test_the_configs_choices_are_the_caps_there_are():
     from typing import get_args
 
-    from imgclf.config import TrainerConfig
+    from imgclf.config.pipeline import TrainerConfig
 
     assert set(get_args(TrainerConfig.model_fields["cpu_isa"].annotation)) == set(CPU_ISA_ENV)

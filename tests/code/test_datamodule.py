@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from imgclf.config import AugmentConfig
+from imgclf.config.pipeline import AugmentConfig
 from imgclf.data.augment import BatchAugment
 from imgclf.data.datamodule import ImageDataModule, TensorBatches
 

@@ -94,9 +94,9 @@ def test_stage_deps_are_exactly_the_code_it_runs(name):
 
 
 def test_the_import_follower_sees_lazy_imports_and_parent_packages():
-    # train.py imports imgclf.training inside main(); the follower must reach it and its models.
+    # train.py imports imgclf.stages.training.stage inside main(); the follower must reach it and its models.
     run = files_run(REPO / "pipelines/train.py")
-    assert SRC / "imgclf/training.py" in run
+    assert SRC / "imgclf/stages/training/stage.py" in run
     assert SRC / "imgclf/models/resnet.py" in run  # through the package's own discovery
     assert SRC / "imgclf/data/__init__.py" in run
     # evaluate runs no training code: editing the network must not re-run it.

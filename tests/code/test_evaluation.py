@@ -3,8 +3,8 @@ import csv
 import numpy as np
 import pytest
 
-from imgclf.evaluation import confusion_matrix, quality, write_confusion
-from imgclf.plots import draw_confusion
+from imgclf.stages.evaluation import confusion_matrix, quality, write_confusion
+from imgclf.tracking.plots import draw_confusion
 
 
 def test_quality_metrics_on_known_predictions():

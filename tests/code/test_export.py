@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from imgclf.card import ModelCard
-from imgclf.export import CARD_METADATA, INPUT_NAME, OUTPUT_NAME, Probabilities, check_parity, to_onnx
 from imgclf.models import build_model
 from imgclf.runtime import inference_session
+from imgclf.stages.export import CARD_METADATA, INPUT_NAME, OUTPUT_NAME, Probabilities, check_parity, to_onnx
 from tests.conftest import compose_config, make_card
 
 CARD = make_card((1, 8, 8), n_classes=10, resize="stretch")

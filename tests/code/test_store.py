@@ -6,13 +6,14 @@ import sys
 
 import pytest
 
-from imgclf.store import StoreError, prepare_store
+from imgclf.tracking.store import StoreError, prepare_store
 from tests.conftest import REPO, tool_env
 
 OPEN_AND_RUN = """
 import sys
-from imgclf import tracking
-from imgclf.config import compose, validate
+from imgclf.tracking import client as tracking
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
 config = validate(compose([f"tracking.uri=sqlite:///{sys.argv[1]}"], sys.argv[2]))
 run_id = tracking.start_run(config, {})
 tracking.log_metrics(config, run_id, {"x": 1.0})
@@ -82,7 +83,7 @@ def test_the_latest_schema_revision_is_kept_by_mlflow_version(tmp_path):
 
     from mlflow.store.db.utils import _get_latest_schema_revision
 
-    from imgclf.store import _latest_revision
+    from imgclf.tracking.store import _latest_revision
 
     lock = tmp_path / "mlflow.db.lock"
     lock.write_text("0.0.1 stale-revision\n")  # another MLflow's: computed again, and kept

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from imgclf import tracking
-from imgclf.config import compose, validate
-from imgclf.store import StoreError
-from imgclf.tracker import Tracker, TrackingError, launched_as_rank_zero
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
+from imgclf.tracking import client as tracking
+from imgclf.tracking.store import StoreError
+from imgclf.tracking.worker import Tracker, TrackingError, launched_as_rank_zero
 from tests.conftest import REPO, tool_env
 
 
@@ -96,9 +97,10 @@ def test_launched_as_rank_zero_reads_the_launchers_variables(environ, zero):
 
 STAGE = """
 import os, signal, sys, time
-from imgclf.config import compose, validate
-from imgclf.store import StoreError
-from imgclf.tracker import Tracker
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
+from imgclf.tracking.store import StoreError
+from imgclf.tracking.worker import Tracker
 config = validate(compose([], sys.argv[1]))
 tracker = Tracker(config)
 with tracker.run_status():
@@ -143,9 +145,12 @@ print(json.dumps(sorted(name for name in {heavy} if name in sys.modules)))
 @pytest.mark.parametrize(
     ("module", "absent"),
     [
-        ("imgclf.training", ["mlflow", "sklearn"]),  # Lightning's torchmetrics imports matplotlib
-        ("imgclf.export", ["mlflow", "lightning", "pytorch_lightning", "matplotlib", "sklearn"]),
-        ("imgclf.evaluation", ["mlflow", "torch", "lightning", "matplotlib", "sklearn"]),
+        (
+            "imgclf.stages.training.stage",
+            ["mlflow", "sklearn"],
+        ),  # Lightning's torchmetrics imports matplotlib
+        ("imgclf.stages.export", ["mlflow", "lightning", "pytorch_lightning", "matplotlib", "sklearn"]),
+        ("imgclf.stages.evaluation", ["mlflow", "torch", "lightning", "matplotlib", "sklearn"]),
     ],
 )
 def test_a_stage_imports_only_what_it_runs(module, absent):
@@ -160,8 +165,9 @@ def test_a_stage_imports_only_what_it_runs(module, absent):
 DATA_STAGES = """
 import json, sys
 from pathlib import Path
-from imgclf.config import compose, validate
-from imgclf.store import StoreError
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
+from imgclf.tracking.store import StoreError
 from imgclf.data.download import download
 from imgclf.data.normalize import normalize
 config = validate(compose([], sys.argv[1]))

@@ -2,8 +2,9 @@ import subprocess
 
 import pytest
 
-from imgclf import tracking
-from imgclf.config import compose, validate
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
+from imgclf.tracking import client as tracking
 from tests.conftest import REPO
 
 

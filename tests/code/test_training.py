@@ -6,12 +6,15 @@ import lightning as L
 import pytest
 import torch
 
-from imgclf import tracking
-from imgclf.config import compose, validate
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
 from imgclf.data.datamodule import TensorBatches
 from imgclf.models import build_model
-from imgclf.tracker import Tracker
-from imgclf.training import EpochCurves, ImageClassifier, MlflowEpochMetrics, train
+from imgclf.stages.training.callbacks import EpochCurves, MlflowEpochMetrics
+from imgclf.stages.training.module import ImageClassifier
+from imgclf.stages.training.stage import TrainPaths, train
+from imgclf.tracking import client as tracking
+from imgclf.tracking.worker import Tracker
 from tests.conftest import REPO, make_card, tool_env
 
 
@@ -88,7 +91,7 @@ def test_train_twice_in_one_process_opens_two_runs_and_leaks_nothing(config, dig
         out = tmp_path / attempt
         with Tracker(config) as tracker:
             outs = (out / "model.ckpt", out / "train.json", out / "curves.csv")
-            metrics = train(config, normalized, raw, params, *outs, None, tracker)
+            metrics = train(config, TrainPaths(params, normalized, raw, *outs), tracker)
         assert metrics["epochs"] == 2 and 0 < metrics["val_acc"] <= 1
         assert (out / "train.json").is_file() and (out / "curves.csv").read_text().count("\n") == 3
         run_ids.append(load_checkpoint(out / "model.ckpt").mlflow_run_id)
@@ -103,7 +106,7 @@ def test_train_twice_in_one_process_opens_two_runs_and_leaks_nothing(config, dig
     ("error", "status"), [(KeyboardInterrupt(), "KILLED"), (RuntimeError("boom"), "FAILED")]
 )
 def test_a_training_that_stops_ends_its_run(config, digits_dirs, tmp_path, monkeypatch, error, status):
-    import imgclf.training as training
+    import imgclf.stages.training.stage as training
 
     def stop(*args, **kwargs):
         raise error
@@ -112,7 +115,7 @@ def test_a_training_that_stops_ends_its_run(config, digits_dirs, tmp_path, monke
     raw, normalized = digits_dirs
     outs = (tmp_path / "m.ckpt", tmp_path / "t.json", tmp_path / "c.csv")
     with pytest.raises(type(error)), Tracker(config) as tracker:
-        train(config, normalized, raw, tmp_path / "params.yaml", *outs, None, tracker)
+        train(config, TrainPaths(tmp_path / "params.yaml", normalized, raw, *outs), tracker)
     client = tracking.client(config)
     (run,) = client.search_runs([tracking.experiment_id(config)])
     assert run.info.status == status
@@ -124,7 +127,7 @@ def test_a_finished_training_run_is_named_tagged_and_has_its_data_set(config, di
     out = tmp_path / "out"
     with Tracker(config) as tracker:
         outs = (out / "m.ckpt", out / "t.json", out / "c.csv", out / "c.png")
-        train(config, normalized, raw, tmp_path / "params.yaml", *outs, tracker)
+        train(config, TrainPaths(tmp_path / "params.yaml", normalized, raw, *outs), tracker)
     client = tracking.client(config)
     (run,) = client.search_runs([tracking.experiment_id(config)])
     assert run.info.status == "FINISHED"
@@ -186,7 +189,7 @@ def trainer_config(*overrides: str):
 
 
 def test_trainer_ddp_on_cpu_starts_a_process_per_core_lightning_would_start_one():
-    from imgclf.training import processes_per_node
+    from imgclf.stages.training.launch import processes_per_node
 
     cores = len(os.sched_getaffinity(0))
     assert processes_per_node(trainer_config("trainer=ddp", "trainer.accelerator=cpu")) == cores
@@ -224,7 +227,7 @@ def test_trainer_ddp_on_cpu_starts_a_process_per_core_lightning_would_start_one(
 )
 def test_a_launch_that_disagrees_with_the_config_is_a_config_error(overrides, environ, error):
     from imgclf.errors import ConfigError
-    from imgclf.training import check_launch, processes_per_node
+    from imgclf.stages.training.launch import check_launch, processes_per_node
 
     trainer = trainer_config(*overrides)
     with pytest.raises(ConfigError) as raised:
@@ -245,7 +248,7 @@ def test_a_launch_that_disagrees_with_the_config_is_a_config_error(overrides, en
     ],
 )
 def test_a_launch_that_agrees_with_the_config_passes(overrides, environ):
-    from imgclf.training import check_launch, processes_per_node
+    from imgclf.stages.training.launch import check_launch, processes_per_node
 
     trainer = trainer_config(*overrides)
     check_launch(trainer, processes_per_node(trainer), environ)

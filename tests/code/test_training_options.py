@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from imgclf.config import compose, validate
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
 from imgclf.data.datamodule import TensorBatches
 from imgclf.errors import ConfigError
 from imgclf.models import build_model
-from imgclf.training import ImageClassifier
+from imgclf.stages.training.module import ImageClassifier
 from tests.conftest import REPO, make_card
 
 

@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from imgclf.config import PublishedData
+from imgclf.config.pipeline import PublishedData
 from imgclf.data.fetch import DownloadError, RemoteFile
 from imgclf.data.sources import cifar10, get_source
 from imgclf.data.sources.cifar10 import (

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from imgclf.config import compose, validate
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
 from imgclf.data.download import MANIFEST
 from imgclf.data.normalize import image_hashes, split_indices
 from imgclf.data.normalized import SPLITS, load_card, load_split

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgclf.config import compose, validate
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
 from imgclf.data.download import download
 from imgclf.data.normalize import normalize
 from imgclf.errors import run_or_exit

@@ -8,8 +8,8 @@ import pytest
 
 from imgclf.data.fetch import DownloadError, RemoteFile
 from imgclf.data.sources import get_source, idx
+from imgclf.data.sources.catalog import files_fetcher
 from imgclf.data.sources.idx import IDX_FILES, idx_reader, read_idx
-from imgclf.data.sources.registry import files_fetcher
 from tests.conftest import data_config
 
 

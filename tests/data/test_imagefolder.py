@@ -17,7 +17,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from imgclf.config import ImageFolderData, compose, validate
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
+from imgclf.config.pipeline import ImageFolderData
 from imgclf.data.archives import ArchiveError
 from imgclf.data.download import MANIFEST, download
 from imgclf.data.normalize import normalize

@@ -9,10 +9,10 @@ import pytest
 from imgclf.data.download import download
 from imgclf.data.normalize import normalize
 from imgclf.data.normalized import load_card
-from imgclf.evaluation import evaluate
-from imgclf.export import export
-from imgclf.tracker import Tracker
-from imgclf.training import train
+from imgclf.stages.evaluation import evaluate
+from imgclf.stages.export import export
+from imgclf.stages.training.stage import TrainPaths, train
+from imgclf.tracking.worker import Tracker
 from tests.conftest import compose_config
 from tests.data.test_imagefolder import class_image
 
@@ -54,7 +54,7 @@ def test_any_folder_name_works_end_to_end(tmp_path, monkeypatch):
     params, checkpoint = tmp_path / "params.yaml", models / "model.ckpt"
     onnx, sidecar = models / "model.onnx", models / "model.json"
     with Tracker(config) as tracker:  # one per stage, as each stage script starts its own
-        train(config, normalized, raw, params, checkpoint, out / "t.json", out / "c.csv", None, tracker)
+        train(config, TrainPaths(params, normalized, raw, checkpoint, out / "t.json", out / "c.csv"), tracker)
     with Tracker(config) as tracker:
         export(config, checkpoint, normalized, raw, onnx, sidecar, tracker)
     with Tracker(config) as tracker:

@@ -23,11 +23,12 @@ SCRIPT = """
 import sys
 from pathlib import Path
 import lightning as L
-from imgclf.config import compose, validate
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
 from imgclf.data.datamodule import ImageDataModule
 from imgclf.data.normalized import load_card
 from imgclf.models import build_model
-from imgclf.training import ImageClassifier
+from imgclf.stages.training.module import ImageClassifier
 
 
 class Recording(ImageClassifier):
@@ -116,7 +117,7 @@ def even_digits(digits_dirs, tmp_path_factory) -> tuple[Path, Path]:
 
 def machine(root: Path, data: tuple[Path, Path], overrides: list[str]) -> Path:
     """A copy of the repo at a commit with params.yaml composed from `overrides`, and its data."""
-    from imgclf.config import write_params
+    from imgclf.config.compose import write_params
 
     copy_repo(root)
     write_params(overrides, root / "conf", root / "params.yaml")

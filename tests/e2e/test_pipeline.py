@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from imgclf.export import Probabilities
 from imgclf.models import load_checkpoint
 from imgclf.runtime import inference_session
+from imgclf.stages.export import Probabilities
 from tests.conftest import REPO, copy_repo, run
 
 pytestmark = pytest.mark.e2e
@@ -238,7 +238,7 @@ def test_a_changed_image_folder_is_picked_up_by_a_plain_repro(tmp_path_factory):
     ("path", "reruns"),
     [
         ("src/imgclf/data/normalize.py", ["normalize"]),  # same splits out: no retraining
-        ("src/imgclf/evaluation.py", ["evaluate"]),  # the latency measurement: no re-export
+        ("src/imgclf/stages/evaluation.py", ["evaluate"]),  # the latency measurement: no re-export
     ],
 )
 def test_editing_one_stages_code_reruns_that_stage_only(repo, path, reruns):
@@ -255,11 +255,11 @@ def test_editing_one_stages_code_reruns_that_stage_only(repo, path, reruns):
 def test_summary_never_points_at_a_run_the_store_does_not_have(repo):
     sidecar = json.loads((repo / "models/model.json").read_text())
     run_id = sidecar["lineage"]["mlflow_run_id"]
-    assert f"MLflow run      {run_id}  (" in run(["python", "-m", "imgclf.summary"], repo).stdout
+    assert f"MLflow run      {run_id}  (" in run(["python", "-m", "imgclf.tracking.summary"], repo).stdout
     store, aside = repo / "mlflow.db", repo.parent / "mlflow.db.aside"
     store.rename(aside)  # as after `rm mlflow.db; make run`: outputs come back from DVC's run cache
     try:
-        out = run(["python", "-m", "imgclf.summary"], repo).stdout
+        out = run(["python", "-m", "imgclf.tracking.summary"], repo).stdout
     finally:
         aside.rename(store)
     assert f"run {run_id} is not in sqlite:///{store}" in out and "dvc repro --force" in out

@@ -13,9 +13,9 @@ from imgclf.data.fetch import RemoteFile
 from imgclf.data.normalize import normalize
 from imgclf.data.normalized import load_split
 from imgclf.data.sources import cifar10, idx
-from imgclf.export import export
-from imgclf.tracker import Tracker
-from imgclf.training import train
+from imgclf.stages.export import export
+from imgclf.stages.training.stage import TrainPaths, train
+from imgclf.tracking.worker import Tracker
 from tests.code.test_config import RECIPES
 from tests.conftest import compose_config
 from tests.data.test_cifar_source import cifar_archive
@@ -64,7 +64,7 @@ def test_recipe_trains_and_exports_on_generated_data(recipe, tmp_path, monkeypat
     params.write_text(yaml.safe_dump(config.model_dump()))
     with Tracker(config) as tracker:
         checkpoint, outs = models / "model.ckpt", (tmp_path / "train.json", tmp_path / "curves.csv")
-        metrics = train(config, normalized, raw, params, checkpoint, *outs, None, tracker)
+        metrics = train(config, TrainPaths(params, normalized, raw, checkpoint, *outs), tracker)
     assert metrics["epochs"] == 1
 
     with Tracker(config) as tracker:

@@ -26,7 +26,7 @@ def exported(network: tuple, folder) -> tuple:
     """An ONNX Runtime session on the network as the export stage writes it, and its input spec."""
     import torch
 
-    from imgclf.export import to_onnx
+    from imgclf.stages.export import to_onnx
 
     model, example, card = network
     path = folder / "model.onnx"

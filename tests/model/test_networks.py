@@ -5,7 +5,7 @@ import torch
 
 from imgclf.errors import ConfigError
 from imgclf.models import Normalize, build_model
-from imgclf.models.registry import MODELS
+from imgclf.models.catalog import MODELS
 from tests.conftest import REPO, compose_config, make_card
 
 STATS = {"mean": [100.0], "std": [50.0]}

@@ -8,9 +8,9 @@ import torch
 
 from imgclf.card import Normalization
 from imgclf.errors import ConfigError
-from imgclf.export import Probabilities, check_parity, to_onnx
 from imgclf.models import build_model
 from imgclf.models.resnet import BasicBlock, ResNet
+from imgclf.stages.export import Probabilities, check_parity, to_onnx
 from tests.conftest import compose_config, make_card
 
 

@@ -125,7 +125,7 @@ def test_bad_options_exit_2_with_one_line(workspace, capsys, args, expected):
 
 
 def test_the_cnn_search_space_composes_with_the_cnn(workspace):
-    from imgclf import sweep
+    from imgclf.sweep import study as sweep
 
     plan = sweep.make_plan(workspace, ["model=cnn", "sweep=cnn"], 1, None, None, None)
     sweep.check_search_space(plan)  # raises on a key or value the CNN's config refuses
@@ -141,7 +141,7 @@ def test_sampled_floats_survive_the_yaml_round_trips_of_dvc(workspace):
     import optuna
     from ruamel.yaml import YAML
 
-    from imgclf import sweep
+    from imgclf.sweep import study as sweep
 
     def round_trip(text: str) -> str:
         out = io.StringIO()
@@ -177,7 +177,7 @@ def test_workers_creating_one_study_at_once_on_a_fresh_database_all_join_it(post
     url = create_database(postgres_url, f"race_{uuid.uuid4().hex[:8]}")
     go = tmp_path / "go"
     code = (  # imports and config first (seconds), then all open the study at the same moment
-        "import sys, time; from pathlib import Path; from imgclf import sweep;"
+        "import sys, time; from pathlib import Path; from imgclf.sweep import study as sweep;"
         "plan = sweep.make_plan(Path.cwd(), [], 1, sys.argv[1], 'race', None);"
         "Path(sys.argv[2] + '.ready' + sys.argv[3]).touch();"
         "exec('while not Path(sys.argv[2]).exists(): time.sleep(0.01)');"

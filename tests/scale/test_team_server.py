@@ -108,14 +108,15 @@ def test_the_registry_commands_work_against_it(team_pipeline, team_server, tmp_p
 
 
 # One imgclf-style run per process: created, params and an epoch history and an artifact logged,
-# ended FINISHED, by imgclf.tracking's own functions. The processes wait for a file to appear, so
+# ended FINISHED, by imgclf.tracking.client's own functions. The processes wait for a file to appear, so
 # that all eight start logging at once, and all race to create the experiment.
 WORKER = """
 import sys, time
 from pathlib import Path
 import mlflow.entities, mlflow.tracking  # imported before the start, which they would blur
-from imgclf import tracking
-from imgclf.config import compose, validate
+from imgclf.tracking import client as tracking
+from imgclf.config.compose import compose
+from imgclf.config.operations import validate
 
 conf, experiment, worker, epochs, folder = sys.argv[1:]
 config = validate(compose([f"tracking.experiment={experiment}"], conf))
@@ -149,7 +150,9 @@ def start_worker(worker: int, experiment: str, folder: Path, url: str) -> subpro
 def test_eight_processes_logging_at_once_give_eight_complete_runs(team_server, tmp_path):
     from mlflow import MlflowClient
 
-    from imgclf.config import compose, flatten, validate
+    from imgclf.config.compose import compose
+    from imgclf.config.operations import validate
+    from imgclf.config.pipeline import flatten
 
     experiment = f"concurrency-{uuid.uuid4().hex[:8]}"
     processes = [start_worker(w, experiment, tmp_path, team_server.url) for w in range(WORKERS)]

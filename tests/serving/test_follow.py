@@ -91,8 +91,8 @@ def other_input_model(tmp_path_factory) -> Path:
     """A valid imgclf model for 16x16 greyscale images: another input spec."""
     import torch
 
-    from imgclf.export import Probabilities
     from imgclf.models import build_model
+    from imgclf.stages.export import Probabilities
 
     card = make_card((1, 16, 16))
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def other_input_model(tmp_path_factory) -> Path:
 def build_registry(store: str, name: str, model_path, second_model, other_input_model, folder: Path) -> dict:
     from mlflow import MlflowClient
 
-    from imgclf.store import prepare_store
+    from imgclf.tracking.store import prepare_store
 
     prepare_store(store)
     client = MlflowClient(tracking_uri=store, registry_uri=store)

@@ -9,7 +9,7 @@ teaches a model ink of both polarities: a digits model otherwise reads only ligh
 import torch
 from torch.nn import functional as F
 
-from imgclf.config import AugmentConfig
+from imgclf.config.pipeline import AugmentConfig
 
 
 def crop_and_flip(

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from imgclf.config import AugmentConfig
+from imgclf.config.pipeline import AugmentConfig
 from imgclf.data.augment import BatchAugment
 from imgclf.data.normalized import load_split
 

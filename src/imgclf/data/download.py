@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from imgclf.config import DataConfig
+from imgclf.config.pipeline import DataConfig
 from imgclf.data.fetch import sha256_of
 from imgclf.data.sources import get_source
 from imgclf.fileio import atomic_dir

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from imgclf.config import URL_SCHEMES
+from imgclf.config.pipeline import URL_SCHEMES
 from imgclf.errors import ConfigError, ImgclfError
 
 CHUNK = 1 << 16

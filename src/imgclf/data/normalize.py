@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.card import InputSpec, ModelCard, Normalization
-from imgclf.config import DataConfig
+from imgclf.config.pipeline import DataConfig
 from imgclf.data.normalized import CARD, REPORT, SPLITS
 from imgclf.data.sources import RawDataset, get_source, source_summary
 from imgclf.errors import ImgclfError

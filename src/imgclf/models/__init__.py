@@ -1,7 +1,7 @@
 """Networks. Each takes raw uint8 pixels (N, C, H, W): the first layer applies the normalisation.
 
 Every module of this package is imported here, so that each registers its network
-(imgclf.models.registry); `build_model` then builds the one `model.name` names.
+(imgclf.models.catalog); `build_model` then builds the one `model.name` names.
 """
 
 import importlib
@@ -14,9 +14,9 @@ from pydantic import TypeAdapter
 from torch import nn
 
 from imgclf.card import ModelCard
-from imgclf.config import ModelConfig
+from imgclf.config.pipeline import ModelConfig
+from imgclf.models.catalog import MODELS
 from imgclf.models.normalization import Normalize
-from imgclf.models.registry import MODELS
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,8 +1,8 @@
 from torch import nn
 
-from imgclf.config import CNNConfig
+from imgclf.config.pipeline import CNNConfig
 from imgclf.errors import ConfigError
-from imgclf.models.registry import register_model
+from imgclf.models.catalog import register_model
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -2,8 +2,8 @@ import math
 
 from torch import nn
 
-from imgclf.config import MLPConfig
-from imgclf.models.registry import register_model
+from imgclf.config.pipeline import MLPConfig
+from imgclf.models.catalog import register_model
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 

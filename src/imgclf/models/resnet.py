@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from imgclf.config import ResNetConfig
-from imgclf.models.registry import register_model
+from imgclf.config.pipeline import ResNetConfig
+from imgclf.models.catalog import register_model
 
 
 class PadShortcut(nn.Module):

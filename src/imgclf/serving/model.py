@@ -23,10 +23,10 @@ from imgclf.card import ModelCard
 from imgclf.errors import ImgclfError
 from imgclf.images import MAX_PIXELS, decode_image
 from imgclf.runtime import inference_session
-from imgclf.store import StoreError, prepare_store, repo_root, resolve_tracking_uri
+from imgclf.tracking.store import StoreError, prepare_store, repo_root, resolve_tracking_uri
 
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))")
-CARD_METADATA = "imgclf.card"  # written by the export stage (imgclf.export.CARD_METADATA)
+CARD_METADATA = "imgclf.card"  # written by the export stage (imgclf.stages.export.CARD_METADATA)
 # What ONNX Runtime raises for a file it cannot load (they derive from Exception, not one base).
 LOAD_ERRORS = (
     ort_errors.Fail,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data.fetch import RemoteFile
-from imgclf.data.sources.registry import RawDataset, files_fetcher, from_files, register
+from imgclf.data.sources.catalog import RawDataset, files_fetcher, from_files, register
 
 CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-bin"

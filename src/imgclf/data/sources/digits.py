@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.config import DataConfig
-from imgclf.data.sources.registry import RawDataset, from_files, register
+from imgclf.config.pipeline import DataConfig
+from imgclf.data.sources.catalog import RawDataset, from_files, register
 from imgclf.errors import ImgclfError
 
 DIGITS_MAX = 16  # digits pixels are counts of 0..16 set pixels in 4x4 blocks of a 32x32 bitmap

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data.fetch import RemoteFile
-from imgclf.data.sources.registry import RawDataset, files_fetcher, from_files, register
+from imgclf.data.sources.catalog import RawDataset, files_fetcher, from_files, register
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",

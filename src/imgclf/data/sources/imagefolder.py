@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.card import InputSpec
-from imgclf.config import ImageFolderData
+from imgclf.config.pipeline import ImageFolderData
 from imgclf.data.archives import extract_archive, printable_name
 from imgclf.data.fetch import (
     DownloadError,
@@ -40,7 +40,7 @@ from imgclf.data.fetch import (
     progress,
     sha256_of,
 )
-from imgclf.data.sources.registry import RawDataset, register, source_summary
+from imgclf.data.sources.catalog import RawDataset, register, source_summary
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.images import IMAGE_SUFFIXES, BadImage, SourceInfo, decode_image_with_info
 

@@ -1,4 +1,4 @@
-"""The source registry agrees with the config schema and conf/data/, and loads no source itself."""
+"""The source catalog agrees with the config schema and conf/data/, and loads no source itself."""
 
 import subprocess
 import sys
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import yaml
 
-from imgclf.config import ImageFolderData, PublishedData
-from imgclf.data.sources import SOURCES, registry
+from imgclf.config.pipeline import ImageFolderData, PublishedData
+from imgclf.data.sources import SOURCES, catalog
 
 CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
-REGISTRY = Path(registry.__file__)
+CATALOG = Path(catalog.__file__)
 
 
 def schema_names() -> set[str]:
@@ -35,14 +35,14 @@ def test_registry_schema_and_conf_name_the_same_sources():
 
 
 def test_the_registry_alone_registers_nothing():
-    # `import imgclf.data.sources.registry` would run the package's __init__, which imports every
-    # family: load registry.py from its file instead, in a fresh interpreter.
+    # `import imgclf.data.sources.catalog` would run the package's __init__, which imports every
+    # family: load catalog.py from its file instead, in a fresh interpreter.
     code = f"""
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("registry", {str(REGISTRY)!r})
-registry = sys.modules["registry"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(registry)
-print(len(registry.SOURCES), sorted(m for m in sys.modules if m.startswith("imgclf.data.sources")))
+spec = importlib.util.spec_from_file_location("catalog", {str(CATALOG)!r})
+catalog = sys.modules["catalog"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(catalog)
+print(len(catalog.SOURCES), sorted(m for m in sys.modules if m.startswith("imgclf.data.sources")))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["0", "[]"]

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from imgclf import tracking
 from imgclf.card import ModelCard
-from imgclf.config import Config
+from imgclf.config.operations import Config
 from imgclf.data.watch import dvc_md5
 from imgclf.errors import ImgclfError
 from imgclf.fileio import read_json
-from imgclf.registry import TAG, Move, Registry, RegistryConflict, RegistryError, now_iso
+from imgclf.registry.client import TAG, Move, Registry, RegistryConflict, RegistryError, now_iso
+from imgclf.tracking import client as tracking
 
 
 class GateFailed(ImgclfError):
@@ -500,7 +500,7 @@ def champion_evidence(registry: Registry, version: str, challenger: Evidence, ro
 
 
 def _score_registered(registry: Registry, version: str, data_dir: Path):
-    from imgclf.evaluation import score
+    from imgclf.stages.evaluation import score
 
     with tempfile.TemporaryDirectory(prefix="imgclf-champion-") as tmp:
         onnx_file = registry.download_onnx(version, Path(tmp))

@@ -18,15 +18,15 @@ import onnx
 import torch
 from torch import nn
 
-from imgclf import tracking
 from imgclf.card import ModelCard
-from imgclf.config import Config
+from imgclf.config.pipeline import PipelineConfig
 from imgclf.data.normalized import load_split
 from imgclf.errors import ImgclfError
 from imgclf.fileio import atomic_path, write_json
 from imgclf.models import Checkpoint, load_checkpoint
 from imgclf.runtime import inference_session
-from imgclf.tracker import Reply, Tracker
+from imgclf.tracking import client as tracking
+from imgclf.tracking.worker import Reply, Tracker
 
 CARD_METADATA = "imgclf.card"  # the ONNX metadata key that holds ModelCard.to_json()
 OPSET = 17  # pinned: a new exporter default must not silently change the served graph
@@ -120,7 +120,7 @@ def check_parity(model: Probabilities, proto: onnx.ModelProto, images: np.ndarra
 
 
 def export(
-    config: Config,
+    config: PipelineConfig,
     checkpoint: Path,
     data_dir: Path,
     raw_dir: Path,

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgclf import config as configuration
-from imgclf.config import Config, SearchSpace
+from imgclf.config import compose as configuration
+from imgclf.config.operations import Config, SearchSpace, validate
+from imgclf.config.pipeline import PARAMS_FILE
 from imgclf.errors import ConfigError, ImgclfError
 
 STORAGE_FILE = "optuna.db"  # beside mlflow.db; gitignored
@@ -116,12 +117,12 @@ def make_plan(
 ) -> Plan:
     if not (root / ".dvc").is_dir():
         raise ConfigError(f"{root} is not a DVC repository: run imgclf sweep in the repository's root")
-    conf_dir, params = root / configuration.CONF_DIR, root / configuration.PARAMS_FILE
+    conf_dir, params = root / configuration.CONF_DIR, root / PARAMS_FILE
     # The workspace's experiment (params.yaml's overrides), then the command line's, as
     # `imgclf promote` does: `imgclf params model=cnn; imgclf sweep sweep=cnn` searches the CNN.
     base = (configuration.params_overrides(conf_dir, params) if params.is_file() else []) + list(overrides)
     only_here = [f"sweep.study={override_value(study)}"] if study is not None else []
-    config = configuration.validate(configuration.compose(base + only_here, conf_dir))
+    config = validate(configuration.compose(base + only_here, conf_dir))
     return Plan(
         root=root,
         config=config,
@@ -201,7 +202,7 @@ def check_search_space(plan: Plan) -> None:
         for value in probes(space):
             override = f"{key}={override_value(value)}"
             try:
-                configuration.validate(configuration.compose([*plan.overrides, override], conf_dir))
+                validate(configuration.compose([*plan.overrides, override], conf_dir))
             except ConfigError as error:
                 raise ConfigError(f"sweep.params.{key}: {override} does not compose: {error}") from None
 
@@ -388,7 +389,7 @@ def run_experiment(plan: Plan, trial, name: str, values: dict[str, Any], stop: "
     """`dvc exp run --temp` with the trial's params; the metric from its metrics/train.json."""
     overrides = [*plan.overrides, *(f"{k}={override_value(v)}" for k, v in values.items())]
     try:  # a combination the schema refuses (a CNN's hidden as a list) fails here, in a second
-        configuration.validate(configuration.compose(overrides, plan.root / configuration.CONF_DIR))
+        validate(configuration.compose(overrides, plan.root / configuration.CONF_DIR))
     except ConfigError as error:
         return Outcome("FAIL", note=str(error))
     baseline = git(plan.root, "rev-parse", "HEAD")
@@ -540,7 +541,7 @@ def tag_mlflow_run(plan: Plan, name: str, number: int, state: str) -> str | None
     """Tag the pipeline's MLflow run of experiment `name` (found by its dvc.exp_name tag) with the
     study and trial; its id, or None when the trial made no run (it failed before training, or
     DVC's run cache restored the outputs of an identical earlier run)."""
-    from imgclf import tracking
+    from imgclf.tracking import client as tracking
 
     client = tracking.client(plan.config)
     experiment = client.get_experiment_by_name(plan.config.tracking.experiment)

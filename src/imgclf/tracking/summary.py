@@ -36,10 +36,10 @@ def summary(root: Path = Path()) -> str:
 def ui_guide(url: str, root: Path = Path()) -> str:
     """Links into the MLflow UI (it opens on a GenAI overview otherwise): the pipeline's runs,
     the registered model, and the registry's history."""
-    from imgclf.config import load_params
-    from imgclf.store import resolve_tracking_uri
+    from imgclf.config.pipeline import load_pipeline
+    from imgclf.tracking.store import resolve_tracking_uri
 
-    config = load_params(root / "params.yaml")
+    config = load_pipeline(root / "params.yaml")
     uri = resolve_tracking_uri(config.tracking.uri)
     name = config.registry.model_name
     lines = [f"MLflow UI on {url} for {uri} (Ctrl-C stops it)"]

@@ -1,4 +1,4 @@
-"""The registry of data sources: a name in `data.name` -> how to fetch it and how to read it back.
+"""The catalog of data sources: a name in `data.name` -> how to fetch it and how to read it back.
 
 A source's `fetch` writes the data, as downloaded or materialised, into an empty folder; its
 `read` turns that folder into canonical arrays for the normalize stage. Each family module of
@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from imgclf.config import DataConfig
+from imgclf.config.pipeline import DataConfig
 from imgclf.data.fetch import RemoteFile, fetch
 
 

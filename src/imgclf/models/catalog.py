@@ -1,4 +1,4 @@
-"""The registry of networks: `model.name` -> the nn.Module class built from its config section.
+"""The catalog of networks: `model.name` -> the nn.Module class built from its config section.
 
 Imports no network: each module in imgclf/models/ registers its class with `@register_model`,
 and the package imports every module, so adding an architecture is its module plus its config.

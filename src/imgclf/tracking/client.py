@@ -16,16 +16,16 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from imgclf.config import Config, flatten
+from imgclf.config.pipeline import PipelineConfig, flatten
 from imgclf.errors import ImgclfError
-from imgclf.store import ARTIFACTS_DIR, prepare_store, resolve_tracking_uri
+from imgclf.tracking.store import ARTIFACTS_DIR, prepare_store, resolve_tracking_uri
 
 NOT_CODE = ("dvc.lock", "params.yaml", "metrics", "plots")
 # The MLflow UI opens an experiment of this kind on its runs table (not the GenAI overview).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def tracking_uri(config: Config) -> str:
+def tracking_uri(config: PipelineConfig) -> str:
     """MLFLOW_TRACKING_URI, else tracking.uri, else the repo's sqlite store (absolute path)."""
     return resolve_tracking_uri(config.tracking.uri)
 
@@ -62,7 +62,7 @@ def folder_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def lineage(config: Config, data_dir: Path, raw_dir: Path) -> dict[str, str]:
+def lineage(config: PipelineConfig, data_dir: Path, raw_dir: Path) -> dict[str, str]:
     """What a model can be traced back to: code (git), data (hashes) and the DVC experiment."""
     # The stage's own checkout: a queued or --temp experiment runs in a copy of its own, while
     # DVC_ROOT names the main workspace.
@@ -75,7 +75,7 @@ def lineage(config: Config, data_dir: Path, raw_dir: Path) -> dict[str, str]:
     return tags
 
 
-def client(config: Config):
+def client(config: PipelineConfig):
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(config)
@@ -83,7 +83,7 @@ def client(config: Config):
     return MlflowClient(tracking_uri=uri)
 
 
-def use_store(config: Config) -> None:
+def use_store(config: PipelineConfig) -> None:
     """Point MLflow's fluent API (mlflow.start_run, mlflow.onnx.log_model) at the config's store.
 
     Only where the fluent API is needed: it also sets MLFLOW_TRACKING_URI for the whole process.
@@ -94,7 +94,7 @@ def use_store(config: Config) -> None:
     mlflow.set_tracking_uri(tracking_uri(config))
 
 
-def start_run(config: Config, tags: dict[str, str]) -> str:
+def start_run(config: PipelineConfig, tags: dict[str, str]) -> str:
     """Create the pipeline's run with the whole flattened config as params; return its id."""
     from mlflow.entities import Param
 
@@ -106,7 +106,7 @@ def start_run(config: Config, tags: dict[str, str]) -> str:
     return run.info.run_id
 
 
-def experiment_id(config: Config, name: str | None = None) -> str:
+def experiment_id(config: PipelineConfig, name: str | None = None) -> str:
     """The id of experiment `name` (default `tracking.experiment`), created on first use (by
     whichever process comes first)."""
     from mlflow.exceptions import MlflowException
@@ -137,14 +137,14 @@ def experiment_id(config: Config, name: str | None = None) -> str:
     return experiment.experiment_id
 
 
-def run_name(config: Config, tags: dict[str, str]) -> str:
+def run_name(config: PipelineConfig, tags: dict[str, str]) -> str:
     """The DVC experiment's name, else `<data>-<model>-<UTC time>`: distinct and telling."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return tags.get("dvc.exp_name") or f"{config.data.name}-{config.model.name}-{stamp}"
 
 
 @contextmanager
-def run_status(config: Config, run_id: str, finish: bool) -> Iterator[None]:
+def run_status(config: PipelineConfig, run_id: str, finish: bool) -> Iterator[None]:
     """End the run as KILLED (Ctrl-C, SIGTERM) or FAILED if the block raises; FINISHED after it
     when `finish`. A run never stays RUNNING because its stage died."""
     try:
@@ -162,7 +162,7 @@ def metric_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)
 
 
-def log_dataset(config: Config, run_id: str, tags: dict[str, str], report_path: Path) -> None:
+def log_dataset(config: PipelineConfig, run_id: str, tags: dict[str, str], report_path: Path) -> None:
     """The normalized data set as the run's input: the MLflow UI's Dataset column and run page."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -184,7 +184,7 @@ def log_dataset(config: Config, run_id: str, tags: dict[str, str], report_path: 
     client(config).log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])])
 
 
-def existing_run(config: Config, run_id: str) -> str | None:
+def existing_run(config: PipelineConfig, run_id: str) -> str | None:
     """`run_id` if the store still has it, not deleted (a restored DVC cache may point at a run
     that is gone, or one deleted in the MLflow UI)."""
     from mlflow.exceptions import MlflowException
@@ -196,11 +196,11 @@ def existing_run(config: Config, run_id: str) -> str | None:
     return run_id if run.info.lifecycle_stage == "active" else None
 
 
-def log_metrics(config: Config, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(config: PipelineConfig, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     log_metric_history(config, run_id, [(key, value, step) for key, value in metrics.items()])
 
 
-def log_metric_history(config: Config, run_id: str, points: list[tuple[str, float, int]]) -> None:
+def log_metric_history(config: PipelineConfig, run_id: str, points: list[tuple[str, float, int]]) -> None:
     """Log (key, value, step) points in as few requests as MLflow allows."""
 
     from mlflow.entities import Metric
@@ -212,7 +212,7 @@ def log_metric_history(config: Config, run_id: str, points: list[tuple[str, floa
         mlflow_client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
-def log_data_report(config: Config, run_id: str, report_path: Path) -> None:
+def log_data_report(config: PipelineConfig, run_id: str, report_path: Path) -> None:
     """The normalize stage's data checks: the report as an artifact, its counts as metrics."""
     report = json.loads(report_path.read_text(encoding="utf-8"))
     counts = {f"data.n_{split}": n for split, n in report.get("n_images", {}).items()}
@@ -222,7 +222,9 @@ def log_data_report(config: Config, run_id: str, report_path: Path) -> None:
     log_artifacts(config, run_id, [report_path], "data")
 
 
-def log_artifacts(config: Config, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+def log_artifacts(
+    config: PipelineConfig, run_id: str, paths: list[Path], artifact_path: str | None = None
+) -> None:
     mlflow_client = client(config)
     for path in paths:
         if path.exists():
@@ -243,7 +245,7 @@ def prepare_model_logging() -> None:
 
 
 def log_onnx_model(
-    config: Config, run_id: str, onnx_path: Path, example: list, parity: dict, sidecar_path: Path
+    config: PipelineConfig, run_id: str, onnx_path: Path, example: list, parity: dict, sidecar_path: Path
 ) -> None:
     """The exported ONNX model as the run's MLflow model (what the registry registers), with its
     signature and input example, the parity figures and the sidecar JSON."""

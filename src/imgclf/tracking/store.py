@@ -1,4 +1,4 @@
-"""Where the MLflow store is: one rule for the pipeline (imgclf.tracking) and for serving.
+"""Where the MLflow store is: one rule for the pipeline (imgclf.tracking.client) and for serving.
 
 Plain Python, without the config schema or mlflow (imported only to create a store), so that
 `imgclf predict` and `imgclf serve` can use it and still start fast.

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from imgclf import tracking
-from imgclf.config import Config
+from imgclf.config.operations import Config
 from imgclf.errors import ImgclfError
+from imgclf.tracking import client as tracking
 
 ALIASES = ("champion", "challenger", "previous")
 TAG = "imgclf."  # the prefix of every tag imgclf sets on a version

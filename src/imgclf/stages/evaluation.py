@@ -12,12 +12,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from imgclf import tracking
-from imgclf.config import Config
+from imgclf.config.pipeline import PipelineConfig
 from imgclf.data.normalized import load_card, load_split
 from imgclf.fileio import atomic_path, read_json, write_json
 from imgclf.runtime import inference_session, predict_probabilities
-from imgclf.tracker import Tracker
+from imgclf.tracking import client as tracking
+from imgclf.tracking.worker import Tracker
 
 PER_CLASS = "per_class.csv"  # in the plots folder
 SPEED = ("latency_", "throughput_")  # the keys of `speed`
@@ -111,7 +111,7 @@ def write_confusion(labels, predicted, classes: list[str], csv_path: Path) -> No
 
 
 def evaluate(
-    config: Config,
+    config: PipelineConfig,
     model_path: Path,
     sidecar_path: Path,
     data_dir: Path,
@@ -146,7 +146,7 @@ def score(
     before_speed: Callable[[Scores], None] = lambda scores: None,
 ) -> Scores:
     """The test split's quality and speed for one ONNX model: the evaluate stage's numbers, also
-    used to score the champion on a challenger's split (imgclf.promotion)."""
+    used to score the champion on a challenger's split (imgclf.registry.promotion)."""
     classes = list(load_card(data_dir).classes)
     images, labels = load_split(data_dir, "test")
     session = inference_session(model_path)

@@ -29,9 +29,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from imgclf import tracking
-from imgclf.config import Config
+from imgclf.config.pipeline import PipelineConfig
 from imgclf.errors import ImgclfError
+from imgclf.tracking import client as tracking
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
@@ -59,7 +59,7 @@ class Reply:
 class Tracker:
     """The stage's side of the side process: calls are sent at once and made in order there."""
 
-    def __init__(self, config: Config, start: bool = True, plots: bool = False, model: bool = False):
+    def __init__(self, config: PipelineConfig, start: bool = True, plots: bool = False, model: bool = False):
         """`start`: start the side process now (else at the first call). `plots` (the stage will
         draw) and `model` (it will log an ONNX model): the side process prepares for it early."""
         self.config, self.plots, self.model = config, plots, model
@@ -159,10 +159,10 @@ class Tracker:
 
     def _start(self) -> None:
         # The side process runs this very checkout's code, whatever the environment's install says.
-        source = str(Path(__file__).resolve().parents[1])
+        source = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "imgclf.tracker"],
+            [sys.executable, "-m", "imgclf.tracking.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": path},
@@ -232,16 +232,16 @@ class SideProcess:
 
     def __init__(self, answers):
         self.answers = answers
-        self.config: Config | None = None
+        self.config: PipelineConfig | None = None
         self.run_id: str | None = None
         self.finished = True
         self.failed = False
         self.closed = False
 
     def configure(self, raw: dict, plots: bool, model: bool) -> None:
-        from imgclf.config import validate
+        from imgclf.config.pipeline import validate_pipeline
 
-        self.config = validate(raw)
+        self.config = validate_pipeline(raw)
         # Ahead of the first call that needs them, while the stage is still busy: the store (a
         # sqlite file is checked against MLflow's schema) and the plotting library. Only a store
         # that is there: a stage that stops before its first call (a wrong DDP launch) creates none.
@@ -249,7 +249,7 @@ class SideProcess:
         if uri.startswith(("http://", "https://")) or Path(uri.removeprefix("sqlite:///")).is_file():
             tracking.client(self.config)
         if plots:
-            from imgclf.plots import pyplot
+            from imgclf.tracking.plots import pyplot
 
             pyplot()
         if model:
@@ -291,12 +291,12 @@ class SideProcess:
             tracking.log_onnx_model(self.config, self.run_id, Path(onnx_path), example, parity, Path(sidecar))
 
     def draw_curves(self, rows: list[dict[str, float]], png: str) -> None:
-        from imgclf.plots import draw_curves
+        from imgclf.tracking.plots import draw_curves
 
         draw_curves(rows, Path(png))
 
     def draw_confusion(self, matrix: list[list[int]], classes: list[str], png: str) -> None:
-        from imgclf.plots import draw_confusion
+        from imgclf.tracking.plots import draw_confusion
 
         draw_confusion(matrix, classes, Path(png))
 

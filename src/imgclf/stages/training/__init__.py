@@ -1,0 +1,8 @@
+"""The train stage's library code (torch and Lightning).
+
+- module.py: ImageClassifier, the LightningModule.
+- callbacks.py: the model line, epoch lines, curves, and the batches of epoch metrics sent to MLflow.
+- launch.py: processes per node, and the check that the launch environment agrees with the config.
+- trainer.py: the Trainer factory and the fit.
+- stage.py: `train`, what pipelines/train.py calls.
+"""

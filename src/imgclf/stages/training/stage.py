@@ -1,0 +1,103 @@
+"""The train stage: fit the configured model; write the best checkpoint, metrics and curves."""
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from imgclf.config.pipeline import PipelineConfig
+from imgclf.data.datamodule import ImageDataModule
+from imgclf.data.normalized import REPORT, load_card
+from imgclf.fileio import atomic_path, write_json
+from imgclf.models import build_model, checkpoint_record
+from imgclf.stages.training.callbacks import EpochCurves, MlflowEpochMetrics, write_curves
+from imgclf.stages.training.launch import check_launch, processes_per_node
+from imgclf.stages.training.module import ImageClassifier
+from imgclf.stages.training.trainer import fit, make_trainer, quiet_lightning
+from imgclf.tracking.worker import Tracker
+
+# metrics/train.json's keys as MLflow metrics: the best epoch's numbers say so; the rest as they are
+BEST = {key: f"best_{key}" for key in ("train_loss", "train_acc", "val_loss", "val_acc")}
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """What the train stage reads and writes: its `cmd:` in dvc.yaml names each."""
+
+    params: Path
+    data: Path  # data/normalized
+    raw: Path  # data/raw/<name>: hashed into the run's lineage
+    checkpoint: Path
+    metrics: Path
+    curves: Path
+    curves_png: Path | None = None
+
+
+def train(config: PipelineConfig, paths: TrainPaths, tracker: Tracker) -> dict[str, float]:
+    """Train the configured model on data/normalized/; write the best checkpoint, metrics, curves.
+
+    Under DDP every process runs this; global rank 0 alone opens the MLflow run (through
+    `tracker`), hashes the data and writes the outputs. Returns the metrics; {} in every other
+    process, which writes nothing.
+    """
+    quiet_lightning()
+    devices = processes_per_node(config.trainer)
+    check_launch(config.trainer, devices, os.environ)  # before any work: a wrong launch trains nothing
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = ImageDataModule(
+        paths.data, config.train.batch_size, config.seed, augment=config.train.augment
+    )
+    card = load_card(paths.data)
+    net = build_model(config.model, card)
+    curves = EpochCurves()
+    to_mlflow = MlflowEpochMetrics(curves, tracker.log_metric_history, config.tracking.flush_seconds)
+    # Lightning writes checkpoints from global rank 0 only, into rank 0's folder (it broadcasts the
+    # path). A system temporary folder, not one beside the outputs: no other process, on this node
+    # or another, creates anything in the checkout; rank 0 copies the best one into place.
+    with tempfile.TemporaryDirectory(prefix="imgclf-train-") as workdir:
+        best = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val_loss", mode="min")
+        trainer = make_trainer(config, devices, [best, curves, to_mlflow], Path(workdir), datamodule)
+        if not trainer.is_global_zero:  # known once the Trainer has read the launch environment
+            tracker.discard()
+            fit(trainer, ImageClassifier(net, config.train), datamodule)
+            return {}
+        run_id = tracker.open_run(paths.data, paths.raw, paths.data / REPORT).result()
+        # FINISHED when training is done; export continues the run, evaluate adds to it.
+        with tracker.run_status():
+            module = ImageClassifier(net, config.train, checkpoint_record(card, config.model, run_id))
+            seconds = fit(trainer, module, datamodule)
+            with atomic_path(paths.checkpoint) as tmp:
+                shutil.copyfile(best.best_model_path, tmp)
+            n_train = len(datamodule.splits["train"][1])
+            metrics = summarize(curves.rows, seconds, to_mlflow.seconds, n_train, trainer.world_size)
+            write_json(paths.metrics, metrics)
+            write_curves(curves.rows, paths.curves)
+            tracker.log_metrics({BEST.get(k, k): v for k, v in metrics.items()})
+            tracker.log_artifacts([paths.params, paths.metrics, paths.curves])
+            if paths.curves_png:
+                tracker.draw_curves(curves.rows, paths.curves_png)
+                tracker.log_artifacts([paths.curves_png], "plots")
+    return metrics
+
+
+def summarize(
+    rows: list[dict[str, float]], seconds: float, tracking_seconds: float, n_train: int, processes: int
+) -> dict:
+    """metrics/train.json: the best epoch's numbers (lowest val_loss), and what the fit cost."""
+    best = min(rows, key=lambda row: row.get("val_loss", float("inf")))
+    return {
+        "train_loss": best["train_loss"],
+        "train_acc": best["train_acc"],
+        "val_loss": best["val_loss"],
+        "val_acc": best["val_acc"],
+        "best_epoch": best["epoch"],
+        "epochs": len(rows),
+        "train_seconds": round(seconds, 3),
+        "tracking_seconds": round(tracking_seconds, 3),
+        "train_images_per_s": round(len(rows) * n_train / seconds, 1),  # all processes together
+        "processes": processes,  # DDP's world size: train.batch_size images each per step
+    }

@@ -1,0 +1,10 @@
+"""MLflow runs: what the stages record, and where.
+
+- store.py: which store (MLFLOW_TRACKING_URI, tracking.uri, or the repo's sqlite file); no mlflow import.
+- client.py: each MLflow call a stage makes, written once (imports mlflow).
+- worker.py: the side process that makes those calls, so that no stage imports mlflow.
+- plots.py: the PNGs of the curves and the confusion matrix (matplotlib).
+- summary.py: what `make run` prints at the end.
+
+May import: the base, config.pipeline. Never stages/, registry/, sweep/ or cli.
+"""
