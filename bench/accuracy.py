@@ -9,7 +9,9 @@ import argparse
 import json
 import time
 
-from common import add_override_option, main_guard, pipeline_env, repo_copy, row, run, write_result
+from common import add_override_option, main_guard, row, write_result
+
+from tests.support.repo import pipeline_env, repo_copy, run
 
 TARGETS = {"cnn": 0.98}  # minimum test accuracy per model
 

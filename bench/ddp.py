@@ -43,7 +43,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, VENV_BIN, BenchError, free_port, main_guard, row, write_result
+from common import ROOT, BenchError, main_guard, row, write_result
+
+from tests.support.repo import VENV_BIN
+from tests.support.servers import free_port
 
 WORKLOADS = {  # name: (data, model, epochs per timed run, other overrides)
     "digits-mlp": ("digits", "mlp", 12, []),  # the default MLP (256, 128), about 1 ms a step

@@ -17,18 +17,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from common import (
-    add_override_option,
-    git_commit,
-    main_guard,
-    pipeline_env,
-    repo_copy,
-    row,
-    run,
-    write_result,
-)
+from common import add_override_option, main_guard, row, write_result
 
 from imgclf.stages.cpu import CPU_ISA_ENV, CPU_ISA_VARIABLES, cap_cpu_isa
+from tests.support.repo import git_commit, pipeline_env, repo_copy, run
 
 REPRO_STAGES = ["dvc", "repro", "--force", "--single-item", "train", "export"]
 

@@ -9,18 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from common import (
-    ROOT,
-    BenchError,
-    add_override_option,
-    main_guard,
-    pipeline_env,
-    repo_copy,
-    row,
-    run,
-    timed,
-    write_result,
-)
+from common import ROOT, BenchError, add_override_option, main_guard, row, timed, write_result
+
+from tests.support.repo import pipeline_env, repo_copy, run
 
 ACCURACY_TARGET = 0.993
 TRAIN_STAGE_TARGET_S = 75.0

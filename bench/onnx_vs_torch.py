@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from common import BenchError, main_guard, pipeline_env, repo_copy, row, run, write_result
+from common import BenchError, main_guard, row, write_result
+
+from tests.support.repo import pipeline_env, repo_copy, run
 
 LATENCY_RATIO_TARGET = 0.5  # ORT / torch, at most
 THROUGHPUT_RATIO_TARGET = 2.0  # ORT / torch, at least

@@ -20,19 +20,9 @@ import time
 from pathlib import Path
 
 import yaml
-from common import (
-    BenchError,
-    add_override_option,
-    git_commit,
-    main_guard,
-    pipeline_env,
-    repo_copy,
-    row,
-    run,
-    timed,
-    timed_lines,
-    write_result,
-)
+from common import BenchError, add_override_option, main_guard, row, timed, timed_lines, write_result
+
+from tests.support.repo import git_commit, pipeline_env, repo_copy, run
 
 SCRATCH_TARGET_S = 15.0
 NOOP_TARGET_S = 1.5

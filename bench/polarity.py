@@ -14,8 +14,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from common import add_override_option, main_guard, pipeline_env, repo_copy, row, run, write_result
+from common import add_override_option, main_guard, row, write_result
 from PIL import Image
+
+from tests.support.repo import pipeline_env, repo_copy, run
 
 # The model trained with invert (the digits default), on either polarity. The round trip through
 # a 200x200 upload blurs the strokes, so its target is lower than the arrays' own.

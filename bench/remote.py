@@ -17,20 +17,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from common import (
-    BenchError,
-    add_override_option,
-    git_commit,
-    main_guard,
-    pipeline_env,
-    repo_copy,
-    row,
-    run,
-    s3_server,
-    timed,
-    timed_lines,
-    write_result,
-)
+from common import BenchError, add_override_option, main_guard, row, timed, timed_lines, write_result
+
+from tests.support.repo import git_commit, pipeline_env, repo_copy, run
+from tests.support.servers import s3_server
 
 BUCKET = "imgclf"
 URL = f"s3://{BUCKET}/imgclf"

@@ -23,17 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import (
-    ROOT,
-    VENV_BIN,
-    BenchError,
-    main_guard,
-    pipeline_env,
-    repo_copy,
-    row,
-    run,
-    write_result,
-)
+from common import ROOT, BenchError, main_guard, row, write_result
+
+from tests.support.repo import VENV_BIN, pipeline_env, repo_copy, run
 
 COLD_START_TARGET_S = 1.0
 P99_TARGET_MS = 20.0

@@ -31,8 +31,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import BenchError, free_port, main_guard, pipeline_env, repo_copy, row, server_group, write_result
+from common import BenchError, main_guard, row, write_result
 from serving import image_png, pipeline_model
+
+from tests.support.repo import pipeline_env, repo_copy
+from tests.support.servers import free_port, server_group
 
 MLFLOW_RATIO_TARGET = 2.0  # imgclf serve requests/s over mlflow models serve's
 BARE_RATIO_TARGET = 0.5  # imgclf serve requests/s over the bare ASGI app's

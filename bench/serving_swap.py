@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, VENV_BIN, BenchError, free_port, main_guard, row, write_result
+from common import ROOT, BenchError, main_guard, row, write_result
+
+from tests.support.repo import VENV_BIN
+from tests.support.servers import free_port
 
 NAME = "imgclf"
 URI = f"models:/{NAME}@champion"

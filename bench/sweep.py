@@ -23,17 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (
-    BenchError,
-    add_override_option,
-    copy_repo,
-    git_commit,
-    main_guard,
-    pipeline_env,
-    row,
-    run,
-    write_result,
-)
+from common import BenchError, add_override_option, main_guard, row, write_result
+
+from tests.support.repo import copy_repo, git_commit, pipeline_env, run
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TRIAL_LINE = re.compile(r"^trial (\d+)  .*  (\d+) s$", re.MULTILINE)

@@ -19,19 +19,11 @@ import logging
 import tempfile
 from pathlib import Path
 
-from common import (
-    BenchError,
-    main_guard,
-    mlflow_server,
-    pipeline_env,
-    postgres_server,
-    repo_copy,
-    row,
-    s3_server,
-    timed_lines,
-    write_result,
-)
+from common import BenchError, main_guard, row, timed_lines, write_result
 from pipeline import TRACKING_SHARE, stage_seconds
+
+from tests.support.repo import pipeline_env, repo_copy
+from tests.support.servers import mlflow_server, postgres_server, s3_server
 
 BUCKET = "imgclf-bench"
 TRACKED_STAGES = ("train", "export", "evaluate")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import copy_repo  # the end-to-end tests run DVC in such copies
+from tests.support.repo import copy_repo  # the end-to-end tests run DVC in such copies
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -187,7 +187,7 @@ def evaluated_pipeline(tmp_path_factory) -> tuple[Path, str]:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """One real `mlflow server` for the whole test session (it takes 15-30 s to start); its URL."""
-    from bench.common import mlflow_server as server
+    from tests.support.servers import mlflow_server as server
 
     with server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
@@ -225,7 +225,7 @@ def browser():
 
 def postgres_or_skip() -> None:
     """Skip (fail on CI) where Debian's PostgreSQL server is not installed."""
-    from bench.common import POSTGRES_BIN
+    from tests.support.servers import POSTGRES_BIN
 
     if not list(Path(POSTGRES_BIN).glob("*/bin/pg_ctl")):
         why = "PostgreSQL is not installed (`make server-deps`)"
@@ -237,7 +237,7 @@ def postgres_or_skip() -> None:
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     """A private PostgreSQL cluster for the whole session; the URL of its `imgclf` database."""
-    from bench.common import postgres_server
+    from tests.support.servers import postgres_server
 
     postgres_or_skip()
     with postgres_server() as url:
@@ -247,7 +247,7 @@ def postgres_url() -> str:
 @pytest.fixture
 def s3() -> dict[str, str]:
     """A moto S3 server with the bucket `imgclf` for one test: the environment a client needs."""
-    from bench.common import s3_server
+    from tests.support.servers import s3_server
 
     with s3_server("imgclf") as env:
         yield env

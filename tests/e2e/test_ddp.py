@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from bench.common import copy_repo, free_port, git_commit
 from tests.conftest import REPO, tool_env
+from tests.support.repo import copy_repo, git_commit
+from tests.support.servers import free_port
 
 SCRIPT = """
 import sys

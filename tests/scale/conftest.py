@@ -75,7 +75,7 @@ def client_env(root: Path, url: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def team_server(postgres_url, tmp_path_factory) -> TeamServer:
-    from bench.common import mlflow_server, s3_server
+    from tests.support.servers import mlflow_server, s3_server
 
     database = create_database(postgres_url, f"mlflow_{uuid.uuid4().hex[:8]}")
     with (

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import copy_repo
 from tests.conftest import run
+from tests.support.repo import copy_repo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

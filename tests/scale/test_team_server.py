@@ -233,7 +233,7 @@ def test_make_team_server_serves_the_same_store(team_server, tmp_path):
 @contextlib.contextmanager
 def make_team_server(extra_env: dict[str, str], log_path: Path) -> Iterator[str]:
     """`make team-server` on a free port, in its own process group (killed afterwards); its URL."""
-    from bench.common import free_port
+    from tests.support.servers import free_port
 
     port = free_port()
     env = tool_env(REPO) | extra_env | {"SERVER_PORT": str(port)}
