@@ -14,15 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (
-    main_guard,
-    mlflow_server,
-    pipeline_env,
-    repo_copy,
-    row,
-    run,
-    write_result,
-)
+from common import main_guard, row, write_result
+
+from tests.support.repo import pipeline_env, repo_copy, run
+from tests.support.servers import mlflow_server
 
 TARGET_S = 10.0
 
@@ -32,7 +27,7 @@ import json, sys, time
 started = time.perf_counter()
 import mlflow.utils.rest_utils as rest
 from imgclf import cli
-from imgclf.registry import client as registry, promotion  # what the command imports, before it starts
+from imgclf.registry import client as registry, flows  # what the command imports, before it starts
 imported = time.perf_counter()
 calls = []
 real = rest.http_request

@@ -108,8 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     refresh = server.DEFAULT_REFRESH_S if args.refresh is None else args.refresh
     if not 0 <= refresh < float("inf"):
         raise ConfigError(f"--refresh {args.refresh}: expected seconds, a number >= 0 (0: never)")
-    server.serve(
-        args.model,
+    options = server.ServeOptions(
         host=args.host,
         port=args.port,
         threads=args.threads,
@@ -119,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         access_log=args.access_log,
         refresh=refresh,
     )
+    server.serve(args.model, options)
 
 
 def registry_config(overrides: list[str]):
@@ -151,11 +151,11 @@ def append_outputs(path: str | None, text: str) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from imgclf.registry import promotion
+    from imgclf.registry import flows
     from imgclf.tracking.store import repo_root
 
     config = registry_config([])
-    version, created = promotion.register(config, repo_root())
+    version, created = flows.register(config, repo_root())
     name = config.registry.model_name
     if created:
         print(f"registered models/model.onnx as {name} version {version}")
@@ -167,13 +167,11 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_promote(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from imgclf.registry import promotion
+    from imgclf.registry import flows
     from imgclf.tracking.store import repo_root
 
     config = registry_config(args.overrides)
-    outcome = promotion.promote(
-        config,
-        repo_root(),
+    request = flows.PromoteRequest(
         version=args.version,
         to=args.to,
         expect_champion=args.expect_champion,
@@ -181,10 +179,11 @@ def cmd_promote(args: argparse.Namespace) -> None:
         reason=args.reason or ("gates passed" if args.to == "challenger" else "promoted"),
         report=Path(args.report) if args.report else None,
     )
+    outcome = flows.promote(config, repo_root(), request)
     append_outputs(args.outputs, outcome.outputs())
     if not outcome.passed:
         what = "would not move" if args.dry_run else "did not move"
-        raise promotion.GateFailed(
+        raise flows.GateFailed(
             f"{'version ' + outcome.version if outcome.version else 'models/model.onnx'} failed its gates: "
             f"{args.to} {what}"
         )
@@ -192,9 +191,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    from imgclf.registry import promotion
+    from imgclf.registry import flows
 
-    message = promotion.rollback(registry_config([]), args.to, args.reason)
+    message = flows.rollback(registry_config([]), args.to, args.reason)
     print(message)
     if args.report:
         with open(args.report, "a", encoding="utf-8") as f:
@@ -204,7 +203,7 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 def cmd_models(args: argparse.Namespace) -> None:
     import json
 
-    from imgclf.registry import promotion
+    from imgclf.registry import report
     from imgclf.registry.client import Registry
 
     config = registry_config([])
@@ -212,7 +211,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         rows = Registry(config).history()
         columns = ("at", "actor", "action", "alias", "version", "replaced", "moved", "reason", "ci_run")
     else:
-        rows = promotion.model_rows(config)
+        rows = report.model_rows(config)
         columns = (
             "version",
             "aliases",
@@ -237,7 +236,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from imgclf.sweep import study as sweep
     from imgclf.tracking.store import repo_root
 
-    sweep.sweep(repo_root(), args.overrides, args.trials, args.storage, args.study, args.remote)
+    request = sweep.Request(args.overrides, args.trials, args.storage, args.study, args.remote)
+    sweep.sweep(repo_root(), request)
 
 
 def print_table(columns: tuple[str, ...], rows: list[dict]) -> None:

@@ -209,16 +209,18 @@ def test_the_lock_times_out_and_an_expired_one_is_taken_over(repos, sqlite_store
     good = repos["good"]
     name = model_name(good)
     client = MlflowClient(sqlite_store, registry_uri=sqlite_store)
-    held = {"holder": "x", "actor": "someone", "purpose": "promote", "since": "now"}
-    client.create_registered_model(f"{name}.lock", tags={**held, "expires": str(time.time() + 600)})
+    held = {"state": "held", "holder": "x", "actor": "someone", "purpose": "promote", "since": "now"}
+    client.create_registered_model(f"{name}.lock.1", tags={**held, "expires": str(time.time() + 600)})
     set_param(good, "promote.lock_timeout_s", 1)
     done = imgclf(good, sqlite_store, "register", check=False)  # register takes the lock too
     assert done.returncode == 3, done.stderr
     assert "is held by someone (imgclf promote" in done.stderr
-    client.set_registered_model_tag(f"{name}.lock", "expires", str(time.time() - 1))
+    client.set_registered_model_tag(f"{name}.lock.1", "expires", str(time.time() - 1))
     done = imgclf(good, sqlite_store, "register")
     assert "taking over the registry lock that someone left" in done.stdout
-    assert client.search_registered_models(f"name = '{name}.lock'") == []
+    # The next generation replaced it, and was marked free when register was done.
+    (lock,) = client.search_registered_models(f"name LIKE '{name}.lock%'")
+    assert (lock.name, lock.tags["state"]) == (f"{name}.lock.2", "released")
 
 
 @pytest.mark.parametrize("expect", [False, True], ids=["serialised", "expect-champion"])

@@ -1,23 +1,15 @@
-"""The MLflow Model Registry as imgclf uses it: one version per ONNX file, aliases moved under a
-lock, every move recorded.
+"""The MLflow Model Registry as imgclf uses it: one version per ONNX file, three aliases, every
+move recorded.
 
-MLflow's alias writes are not atomic: two processes that each read `champion`, set `previous` and
-set `champion` lose one champion, and may crash on the alias table's unique key. What the store
-does make atomic is creating a registered model: of processes racing to create one name, exactly
-one wins. So the lock is a registered model, `<name>.lock`, created to take it and deleted to give
-it back; its tags say who holds it and until when, so that a lock left by a killed process
-expires. MLflow keeps no history of aliases either: each move is a run in the experiment
-`<name> registry` (the MLflow UI lists them) and tags on the version it moved to.
+MLflow keeps no history of aliases: each move is a run in the experiment `<name> registry` (the
+MLflow UI lists them) and tags on the version it moved to. MLflow's alias writes are not atomic
+either, so every write here goes through `fence`: while a `RegistryLock` (lock.py) is held, it
+checks before each write that the lock is still this process's, and stops the write otherwise.
 """
 
-import contextlib
 import getpass
 import os
-import random
-import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +21,6 @@ from imgclf.tracking import client as tracking
 ALIASES = ("champion", "challenger", "previous")
 TAG = "imgclf."  # the prefix of every tag imgclf sets on a version
 HISTORY_SUFFIX = " registry"  # the experiment that holds the history: "<name> registry"
-LOCK_SUFFIX = ".lock"
 
 
 class RegistryError(ImgclfError):
@@ -90,6 +81,9 @@ class Registry:
         self.uri = tracking.tracking_uri(config)
         self.client = tracking.client(config)
         self.MlflowException = MlflowException
+        # Called before each write; the registry lock sets it while held (it raises if the lock
+        # was lost), so that no write lands after another process took the lock over.
+        self.fence: Callable[[], None] = lambda: None
 
     def require_shared_store(self) -> None:
         """Refuse to write a registry that dies with a CI runner: its own sqlite file."""
@@ -166,6 +160,7 @@ class Registry:
 
     def ensure_model(self, description: str) -> None:
         """Create the registered model on first use (by whichever process comes first)."""
+        self.fence()
         if self.exists():
             self.client.update_registered_model(self.name, description=description)
             return
@@ -176,16 +171,19 @@ class Registry:
                 raise
 
     def create_version(self, source: str, run_id: str, model_id: str | None, tags: dict, description: str):
+        self.fence()
         return self.client.create_model_version(
             self.name, source, run_id=run_id, tags=tags, description=description, model_id=model_id
         )
 
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
+        self.fence()
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
 
     def set_alias(self, alias: str, version: str | None) -> None:
         """Point `alias` at `version`, or remove it (None)."""
+        self.fence()
         if version is None:
             if alias in self.aliases():
                 self.client.delete_registered_model_alias(self.name, alias)
@@ -221,62 +219,11 @@ class Registry:
         tags = {TAG + key: value[:5000] for key, value in fields.items()}
         tags["mlflow.note.content"] = note[:5000]
         experiment = tracking.experiment_id(self.config, self.name + HISTORY_SUFFIX)
+        self.fence()
         run = self.client.create_run(experiment, tags=tags, run_name=f"{move.action}: {arrow}")
         self.client.set_terminated(run.info.run_id, "FINISHED" if move.moved else "FAILED")
 
-    @contextmanager
-    def lock(self, purpose: str) -> Iterator[None]:
-        """Hold the registry lock for the block; RegistryConflict after promote.lock_timeout_s."""
-        settings = self.config.promote
-        name, token = self.name + LOCK_SUFFIX, uuid.uuid4().hex
-        deadline = time.monotonic() + settings.lock_timeout_s
-        while True:
-            expires = time.time() + settings.lock_expiry_s
-            tags = {"holder": token, "actor": actor(), "purpose": purpose, "since": now_iso()}
-            tags["expires"] = f"{expires:.0f}"
-            description = (
-                f"The lock of `{self.name}`'s aliases: {tags['actor']} is running `imgclf {purpose}` "
-                f"(since {tags['since']}). It goes away when that is done, or expires after "
-                f"{settings.lock_expiry_s:g} s."
-            )
-            try:
-                self.client.create_registered_model(name, tags=tags, description=description)
-                break
-            except self.MlflowException:
-                pass  # taken, or a racing create failed: read who holds it
-            held = self._registered_model(name)
-            if held is None:
-                continue  # released meanwhile
-            holder = held.tags
-            if float(holder.get("expires") or 0) < time.time():
-                print(
-                    f"imgclf: taking over the registry lock that {holder.get('actor', '?')} left "
-                    f"({holder.get('purpose', '?')}, since {holder.get('since', '?')}); it has expired"
-                )
-                self._delete_lock(name, holder.get("holder"))
-                continue
-            if time.monotonic() > deadline:
-                raise RegistryConflict(
-                    f"the registry lock {name!r} is held by {holder.get('actor', '?')} "
-                    f"(imgclf {holder.get('purpose', '?')}, since {holder.get('since', '?')}); waited "
-                    f"{settings.lock_timeout_s:g} s: run again when that is done"
-                )
-            time.sleep(0.1 + random.random() * 0.3)  # jitter: waiting processes do not retry in step
-        try:
-            yield
-        finally:
-            self._delete_lock(name, token)
-
     # --- internals -------------------------------------------------------------------------
-
-    def _delete_lock(self, name: str, holder: str | None) -> None:
-        """Delete the lock if `holder` still holds it (an expired lock may have been taken over)."""
-        held = self._registered_model(name)
-        if held is None or held.tags.get("holder") != holder:
-            return
-        # Another process may have taken over an expired lock and deleted it first.
-        with contextlib.suppress(self.MlflowException):
-            self.client.delete_registered_model(name)
 
     def _registered_model(self, name: str):
         try:

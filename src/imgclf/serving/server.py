@@ -13,6 +13,7 @@ alias every `refresh` seconds and swaps in a new version (serving.follow); it st
 """
 
 import copy
+from dataclasses import dataclass
 
 from imgclf.images import MAX_PIXELS
 from imgclf.serving.app import create_app
@@ -22,25 +23,29 @@ from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES
 DEFAULT_REFRESH_S = 30.0  # `imgclf serve --refresh` states it in its help: keep them equal
 
 
-def serve(
-    model_uri: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    threads: int = 1,
-    token: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_pixels: int = MAX_PIXELS,
-    access_log: bool = False,
-    refresh: float = DEFAULT_REFRESH_S,
-) -> None:
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `imgclf serve` is asked for, past the model: its flags, with their defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int = 1
+    token: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_pixels: int = MAX_PIXELS
+    access_log: bool = False
+    refresh: float = DEFAULT_REFRESH_S
+
+
+def serve(model_uri: str, options: ServeOptions = ServeOptions()) -> None:
     import uvicorn
 
-    live = LiveModel.load(model_uri, refresh, threads=threads, max_pixels=max_pixels)
-    app = create_app(live, token=token, max_body_bytes=max_body_bytes)
-    auth = "bearer token required on /v1/*" if token else "no token"
-    url = f"http://{host}:{port}/"
+    live = LiveModel.load(model_uri, options.refresh, threads=options.threads, max_pixels=options.max_pixels)
+    app = create_app(live, token=options.token, max_body_bytes=options.max_body_bytes)
+    auth = "bearer token required on /v1/*" if options.token else "no token"
+    url = f"http://{options.host}:{options.port}/"
     model = live.model
-    following = f", following {model_uri} every {refresh:g} s" if live.following else ""
+    following = f", following {model_uri} every {options.refresh:g} s" if live.following else ""
     print(f"imgclf: serving {model.name} version {model.version} on {url} ({auth}{following})", flush=True)
     # uvicorn's own logging, plus the swaps and refusals of serving.follow, in its format.
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
@@ -48,10 +53,10 @@ def serve(
     with live:  # the poller runs while uvicorn does, and stops when it returns
         uvicorn.run(
             app,
-            host=host,
-            port=port,
+            host=options.host,
+            port=options.port,
             ws="none",  # no websocket routes: skip loading a websocket implementation
-            access_log=access_log,
+            access_log=options.access_log,
             log_level="info",
             log_config=log_config,
             server_header=False,

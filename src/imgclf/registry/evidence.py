@@ -1,0 +1,172 @@
+"""What a registered version says about itself: the evaluate stage's files (`Outputs`) and the
+facts the gates read (`Evidence`), kept as tags on the version so that a later job, on another
+machine without the pipeline's outputs, can gate and approve it.
+
+Reads files and tags only: no MLflow call, no lock.
+"""
+
+import csv
+import hashlib
+import json
+import shlex
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from imgclf.card import ModelCard
+from imgclf.data.watch import dvc_md5
+from imgclf.errors import ImgclfError
+from imgclf.fileio import read_json
+from imgclf.registry.client import TAG, RegistryError
+
+HEADLINE = ("accuracy", "macro_f1", "latency_ms_p50_b1", "latency_ms_p99_b1")
+
+
+class NotEvaluated(ImgclfError):
+    """models/model.onnx is missing, or not the file the evaluate stage measured: run dvc repro."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The evaluate stage's inputs and outputs, named by its `cmd:` line in dvc.yaml."""
+
+    onnx: Path
+    sidecar: Path
+    data: Path
+    metrics: Path
+    per_class: Path
+
+    @classmethod
+    def of_pipeline(cls, root: Path, check: bool = True) -> "Outputs":
+        """The files `dvc repro` evaluated last; NotEvaluated (with `check`) unless dvc.lock says
+        these are the files the evaluate stage measured."""
+        stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+        words = shlex.split(stages["evaluate"]["cmd"])
+        flag = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+        outputs = cls(
+            onnx=root / flag["--onnx"],
+            sidecar=root / flag["--sidecar"],
+            data=root / flag["--data"],
+            metrics=root / flag["--metrics"],
+            per_class=root / flag["--plots"] / "per_class.csv",
+        )
+        if check:
+            outputs.check_evaluated(root)
+        return outputs
+
+    def check_evaluated(self, root: Path) -> None:
+        """The ONNX file and metrics are those of the evaluate stage's last run in dvc.lock."""
+        for path in (self.onnx, self.sidecar, self.metrics, self.per_class, self.data):
+            if not path.exists():
+                raise NotEvaluated(
+                    f"{path.relative_to(root)} is missing: run `dvc repro` (or `make run`) first"
+                )
+        lock_path = root / "dvc.lock"
+        lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) if lock_path.is_file() else {}
+        stage = (lock or {}).get("stages", {}).get("evaluate", {})
+        recorded = {
+            entry["path"]: entry.get("md5") for entry in stage.get("deps", []) + stage.get("outs", [])
+        }
+        for path in (self.onnx, self.metrics):
+            name = path.relative_to(root).as_posix()
+            if recorded.get(name) != dvc_md5(path):
+                raise NotEvaluated(
+                    f"{name} is not what the evaluate stage last measured (dvc.lock): run `dvc repro` first"
+                )
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The facts the gates read about one model, kept as tags on its registered version."""
+
+    sha256: str
+    commit: str
+    dirty: str  # true, false or unknown
+    data_name: str
+    data_sha256: str  # the normalized data set (all splits)
+    test_sha256: str  # the test split alone: what the metrics were measured on
+    duplicates: int  # images in both the train and the test split
+    classes: tuple[str, ...]
+    input: dict  # the card's input spec (imgclf.card.InputSpec.to_json)
+    metrics: dict  # accuracy, macro_f1, latency_ms_p50_b1, latency_ms_p99_b1 (metrics/eval.json)
+    recall: tuple[float, ...]  # per class, in class order
+    parity_max_abs_diff: float
+    parity_argmax_mismatches: int
+    run_id: str
+
+    def to_tags(self) -> dict[str, str]:
+        fields = asdict(self)
+        fields["classes"], fields["recall"] = list(self.classes), list(self.recall)
+        tags = {
+            f"{TAG}{key}": value if isinstance(value, str) else json.dumps(value)
+            for key, value in fields.items()
+        }
+        # The headline numbers once more, one tag each, to read at a glance in the MLflow UI.
+        tags |= {f"{TAG}metric.{key}": str(value) for key, value in self.metrics.items()}
+        return tags
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str], version: str) -> "Evidence":
+        fields = {}
+        for name, kind in cls.__annotations__.items():
+            text = tags.get(TAG + name)
+            try:
+                fields[name] = text if kind is str else json.loads(text)
+            except (TypeError, ValueError):
+                raise RegistryError(
+                    f"version {version} was not registered by `imgclf register` (tag {TAG}{name} is "
+                    f"{'missing' if text is None else 'unreadable'}): it cannot be gated"
+                ) from None
+        fields["classes"], fields["recall"] = tuple(fields["classes"]), tuple(fields["recall"])
+        return cls(**fields)
+
+    @classmethod
+    def from_outputs(cls, outputs: Outputs) -> "Evidence":
+        sidecar = read_json(outputs.sidecar)
+        lineage, export = sidecar["lineage"], sidecar["export"]
+        card = ModelCard.from_json(sidecar)
+        metrics = read_json(outputs.metrics)
+        report = read_json(outputs.data / "report.json")
+        return cls(
+            sha256=file_sha256(outputs.onnx),
+            commit=lineage.get("git.commit", "unknown"),
+            dirty=lineage.get("git.dirty", "unknown"),
+            data_name=lineage.get("data.name", "unknown"),
+            data_sha256=lineage.get("data.normalized_sha256", "unknown"),
+            test_sha256=test_split_sha256(outputs.data),
+            duplicates=int(report["duplicates_across_splits"].get("train-test", 0)),
+            classes=tuple(card.classes),
+            input=card.input.to_json(),
+            metrics={key: metrics[key] for key in HEADLINE if key in metrics},
+            recall=tuple(_recalls(outputs.per_class, card.classes)),
+            parity_max_abs_diff=float(export["parity_max_abs_diff"]),
+            parity_argmax_mismatches=int(export["parity_argmax_mismatches"]),
+            run_id=lineage.get("mlflow_run_id", ""),
+        )
+
+
+def test_split_sha256(data_dir: Path) -> str:
+    """SHA-256 of the test split's image and label files: same hash, same test."""
+    digest = hashlib.sha256()
+    for name in ("images.npy", "labels.npy"):
+        digest.update((data_dir / "test" / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _recalls(per_class_csv: Path, classes: tuple[str, ...]) -> list[float]:
+    with per_class_csv.open(newline="", encoding="utf-8") as f:
+        rows = {row["class"]: float(row["recall"]) for row in csv.DictReader(f)}
+    return [rows[name] for name in classes]
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def input_line(spec: dict) -> str:
+    """An input spec (imgclf.card.InputSpec.to_json) in one line: `L 8x8 uint8 HWC, stretch`."""
+    size = "x".join(str(n) for n in spec.get("size", []))
+    return f"{spec.get('mode')} {size} {spec.get('dtype')} {spec.get('layout')}, {spec.get('resize')}"
