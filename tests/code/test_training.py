@@ -142,6 +142,29 @@ def test_a_finished_training_run_is_named_tagged_and_has_its_data_set(config, di
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_train_appends_each_epoch_to_the_file_the_sweep_asks_for(config, digits_dirs, tmp_path, monkeypatch):
+    """The contract between the train stage and `imgclf sweep`'s pruner: one JSON object per
+    finished epoch, in the file the environment names, read with the sweep's own reader."""
+    import csv
+
+    from imgclf.stages.training import callbacks
+    from imgclf.sweep import trials
+
+    assert trials.EPOCH_LOG_ENV == callbacks.EPOCH_LOG_ENV  # spelled twice: the sweep may not import stages
+    log = tmp_path / "epochs.jsonl"
+    monkeypatch.setenv(trials.EPOCH_LOG_ENV, str(log))
+    raw, normalized = digits_dirs
+    config = validate(compose(["train.max_epochs=2"], REPO / "conf"))
+    outs = (tmp_path / "m.ckpt", tmp_path / "t.json", tmp_path / "c.csv")
+    with Tracker(config) as tracker:
+        train(config, TrainPaths(tmp_path / "params.yaml", normalized, raw, *outs), tracker)
+    epochs = trials.EpochFile(log).read_new()
+    assert [epoch["epoch"] for epoch in epochs] == [1, 2]
+    assert {"train_loss", "val_loss", "val_acc"} <= set(epochs[0])
+    curves = list(csv.DictReader((tmp_path / "c.csv").open()))
+    assert [epoch["val_loss"] for epoch in epochs] == [float(row["val_loss"]) for row in curves]
+
+
 def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
     code = (
         "import os, signal, time\n"

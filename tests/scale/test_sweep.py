@@ -126,9 +126,12 @@ def test_bad_options_exit_2_with_one_line(workspace, capsys, args, expected):
 
 def test_the_cnn_search_space_composes_with_the_cnn(workspace):
     from imgclf.sweep import study as sweep
+    from imgclf.sweep.space import check_search_space
 
-    plan = sweep.make_plan(workspace, ["model=cnn", "sweep=cnn"], 1, None, None, None)
-    sweep.check_search_space(plan)  # raises on a key or value the CNN's config refuses
+    plan = sweep.make_plan(workspace, sweep.Request(["model=cnn", "sweep=cnn"], trials=1))
+    check_search_space(
+        plan.root, plan.overrides, plan.config.sweep.params
+    )  # raises on a refused key or value
     assert plan.study == "digits-cnn" and plan.remote is None
     assert plan.storage == f"sqlite:///{workspace / 'optuna.db'}"
 
@@ -142,18 +145,19 @@ def test_sampled_floats_survive_the_yaml_round_trips_of_dvc(workspace):
     from ruamel.yaml import YAML
 
     from imgclf.sweep import study as sweep
+    from imgclf.sweep.space import suggest
 
     def round_trip(text: str) -> str:
         out = io.StringIO()
         YAML().dump(YAML().load(text), out)
         return out.getvalue()
 
-    plan = sweep.make_plan(workspace, [], 1, None, None, None)
+    plan = sweep.make_plan(workspace, sweep.Request([], trials=1))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     floats = [
         value
         for _ in range(300)
-        for value in sweep.suggest(study.ask(), plan.config.sweep.params).values()
+        for value in suggest(study.ask(), plan.config.sweep.params).values()
         if isinstance(value, float)
     ]
     assert len(floats) == 900
@@ -167,6 +171,70 @@ def test_no_stage_reads_the_sweep_group():
     assert keys and not [key for key in keys if key == "sweep" or key.startswith("sweep.")]
 
 
+# --- the trial runner: the epochs come from the train stage's JSON-lines file --------------------
+
+# Stands in for `dvc exp run`: appends epoch after epoch to $IMGCLF_EPOCH_LOG, each line in two
+# writes (a read between them sees half a line), prints lines for people, then runs on.
+FAKE_TRAINING = (
+    "import json, os, sys, time\n"
+    "for epoch in range(1, int(sys.argv[1]) + 1):\n"
+    "    line = json.dumps({'epoch': epoch, 'val_loss': 1 / epoch, 'val_acc': 0.5}) + '\\n'\n"
+    "    with open(os.environ['IMGCLF_EPOCH_LOG'], 'a') as f:\n"
+    "        f.write(line[:9]); f.flush(); time.sleep(0.3); f.write(line[9:])\n"
+    "    print(f'epoch {epoch}: val_loss is looking good', flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+)
+
+
+def fake_experiment(tmp_path, monkeypatch, epochs: int, then_s: float):
+    from imgclf.sweep import trials
+
+    monkeypatch.setattr(
+        trials.Experiment,
+        "command",
+        lambda self: [sys.executable, "-c", FAKE_TRAINING, str(epochs), str(then_s)],
+    )
+    return trials.Experiment(tmp_path, "sweep-fake-0", [], "val_loss")
+
+
+def test_the_runner_hands_over_each_epoch_whole_and_stops_the_experiment_when_told(tmp_path, monkeypatch):
+    from imgclf.sweep import trials
+    from imgclf.sweep.signals import Stop
+
+    experiment = fake_experiment(tmp_path, monkeypatch, epochs=3, then_s=300)
+    seen = []
+
+    def on_epoch(epoch) -> bool:
+        seen.append(epoch)
+        return epoch["epoch"] == 2  # the pruner says stop
+
+    started = time.monotonic()
+    code, stopped_at = trials.run_watched(experiment, on_epoch, Stop())
+    assert stopped_at == 2 and code != 0 and time.monotonic() - started < 60
+    assert seen == [
+        {"epoch": 1, "val_loss": 1.0, "val_acc": 0.5},
+        {"epoch": 2, "val_loss": 0.5, "val_acc": 0.5},
+    ]
+    assert "epoch 1: val_loss is looking good" in experiment.log.read_text()  # the output, in the trial's log
+
+
+def test_the_runner_does_not_prune_an_experiment_that_finished(tmp_path, monkeypatch):
+    from imgclf.sweep import trials
+    from imgclf.sweep.signals import Stop
+
+    experiment = fake_experiment(tmp_path, monkeypatch, epochs=2, then_s=0)
+    seen = []
+
+    def on_epoch(epoch) -> bool:
+        seen.append(epoch["epoch"])
+        if epoch["epoch"] == 1:
+            time.sleep(2)  # a slow study: the experiment writes its last epoch and ends meanwhile
+        return epoch["epoch"] == 2
+
+    assert trials.run_watched(experiment, on_epoch, Stop()) == (0, None)  # complete, not pruned
+    assert seen == [1, 2]
+
+
 # --- one study, many workers ---------------------------------------------------------------------
 
 
@@ -178,7 +246,7 @@ def test_workers_creating_one_study_at_once_on_a_fresh_database_all_join_it(post
     go = tmp_path / "go"
     code = (  # imports and config first (seconds), then all open the study at the same moment
         "import sys, time; from pathlib import Path; from imgclf.sweep import study as sweep;"
-        "plan = sweep.make_plan(Path.cwd(), [], 1, sys.argv[1], 'race', None);"
+        "plan = sweep.make_plan(Path.cwd(), sweep.Request([], 1, sys.argv[1], 'race'));"
         "Path(sys.argv[2] + '.ready' + sys.argv[3]).touch();"
         "exec('while not Path(sys.argv[2]).exists(): time.sleep(0.01)');"
         "print(sweep.open_study(plan).study_name)"
@@ -334,9 +402,9 @@ def test_ctrl_c_stops_the_running_trial_and_tells_the_study(tmp_path):
     worker = sweep_worker(
         repo, "--trials", "3", "--study", "stop", "train.max_epochs=200", "train.early_stopping_patience=200"
     )
-    log = repo / ".dvc/tmp/sweep/sweep-stop-0.log"
+    epochs = repo / ".dvc/tmp/sweep/sweep-stop-0.epochs.jsonl"  # what the train stage writes for the sweep
     deadline = time.monotonic() + 300
-    while not (log.is_file() and "epoch 1/" in log.read_text()):
+    while not (epochs.is_file() and epochs.read_text().endswith("\n")):
         assert worker.poll() is None and time.monotonic() < deadline, worker.stdout.read()
         time.sleep(0.5)
     worker.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process

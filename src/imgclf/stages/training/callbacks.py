@@ -1,9 +1,10 @@
 """The train stage's callbacks: a line for the model and each epoch, the curves, their way to MLflow."""
 
 import csv
+import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,13 @@ from torch import nn
 from imgclf.fileio import atomic_path
 
 CURVE_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+# A JSON-lines file of the finished epochs, for a program that follows a training while it runs
+# (imgclf sweep prunes on it; the epoch lines below are for people and may change). Asked for
+# through the environment, not dvc.yaml: an output or an option in the stage's cmd would re-run
+# every user's training, and where a trial's progress goes changes no model. DVC passes the
+# environment through `dvc exp run`. imgclf.sweep (which may not import the stages) spells the
+# name again; tests/code/test_training.py checks that the two agree.
+EPOCH_LOG_ENV = "IMGCLF_EPOCH_LOG"
 
 
 class ModelLine(Callback):
@@ -54,10 +62,12 @@ def progress_callback(steps_per_epoch: int) -> Callback:
 
 
 class EpochCurves(Callback):
-    """Keeps one row per finished epoch for plots/train_curves.csv."""
+    """Keeps one row per finished epoch for plots/train_curves.csv; global rank 0 also appends it
+    to `epoch_log` (one JSON object a line, flushed as the epoch ends) when one is given."""
 
-    def __init__(self):
+    def __init__(self, epoch_log: Path | None = None):
         self.rows: list[dict[str, float]] = []
+        self.epoch_log = epoch_log  # not `log`: the Trainer sets that on every callback
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -66,6 +76,14 @@ class EpochCurves(Callback):
             if field in metrics:
                 row[field] = round(float(metrics[field]), 6)
         self.rows.append(row)
+        if self.epoch_log is not None and trainer.is_global_zero:
+            with self.epoch_log.open("a", encoding="utf-8") as f:  # closed, so flushed, line by line
+                f.write(json.dumps(row) + "\n")
+
+
+def epoch_log_path(environ: Mapping[str, str]) -> Path | None:
+    """The JSON-lines file of finished epochs that $IMGCLF_EPOCH_LOG asks for; None: none."""
+    return Path(environ[EPOCH_LOG_ENV]) if environ.get(EPOCH_LOG_ENV) else None
 
 
 class MlflowEpochMetrics(Callback):
