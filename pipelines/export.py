@@ -1,6 +1,7 @@
 """DVC stage `export`: models/model.ckpt -> models/model.onnx (parity-gated) and models/model.json."""
 
-from imgclf.config.pipeline import load_pipeline
+from imgclf.config.pipeline import validate_pipeline
+from imgclf.config.validation import read_yaml
 from imgclf.errors import run_or_exit
 from imgclf.stages.args import stage_paths
 from imgclf.tracking.worker import Tracker
@@ -8,19 +9,12 @@ from imgclf.tracking.worker import Tracker
 
 def main() -> None:
     paths = stage_paths(__doc__, "params", "checkpoint", "data", "raw", "onnx", "sidecar")
-    config = load_pipeline(paths.params)
-    with Tracker(config, model=True) as tracker:  # imports mlflow in a side process, this one torch
-        from imgclf.stages.export import export
+    params = read_yaml(paths.params)  # logged to a new run if the store lost the train stage's
+    config = validate_pipeline(params)
+    with Tracker(config, params, model=True) as tracker:  # the worker imports mlflow, this process torch
+        from imgclf.stages.export import ExportPaths, export
 
-        sidecar = export(
-            config,
-            checkpoint=paths.checkpoint,
-            data_dir=paths.data,
-            raw_dir=paths.raw,
-            onnx_out=paths.onnx,
-            sidecar_out=paths.sidecar,
-            tracker=tracker,
-        )
+        sidecar = export(config, ExportPaths(**vars(paths)), tracker)
     parity = sidecar["export"]
     print(
         f"export: {paths.onnx}, parity max |Δp| {parity['parity_max_abs_diff']:.1e} "

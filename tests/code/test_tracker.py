@@ -1,4 +1,4 @@
-"""The stages' tracking process: calls made in order against a real sqlite store, failures as one
+"""The stages' tracking worker: calls made in order against a real sqlite store, failures as one
 line, a dead stage's run ended, and stages that import no mlflow (nor torch, where not needed)."""
 
 import json
@@ -11,6 +11,7 @@ import pytest
 
 from imgclf.config.compose import compose
 from imgclf.config.operations import validate
+from imgclf.config.pipeline import flatten, validate_pipeline
 from imgclf.tracking import client as tracking
 from imgclf.tracking.store import StoreError
 from imgclf.tracking.worker import Tracker, TrackingError, launched_as_rank_zero
@@ -29,10 +30,10 @@ def test_calls_are_made_in_order_against_the_run(config, digits_dirs, tmp_path):
     note = tmp_path / "note.txt"
     note.write_text("hello")
     with Tracker(config) as tracker:
-        run = tracker.open_run(normalized, raw, normalized / "report.json")
-        tracker.log_metric_history([("loss", 0.5, 1), ("loss", 0.25, 2)])
-        tracker.log_metrics({"accuracy": 0.9})
-        tracker.log_artifacts([note], "notes")
+        run = tracker.follow(tracking.open_run, tracker.params, normalized, raw, normalized / "report.json")
+        tracker.log(tracking.log_metric_history, [("loss", 0.5, 1), ("loss", 0.25, 2)])
+        tracker.log(tracking.log_metrics, {"accuracy": 0.9})
+        tracker.log(tracking.log_artifacts, [note], "notes")
         with tracker.run_status():
             run_id = run.result()
     client = tracking.client(config)
@@ -45,13 +46,31 @@ def test_calls_are_made_in_order_against_the_run(config, digits_dirs, tmp_path):
     assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
 
 
+def test_a_run_logs_all_of_params_yaml_though_the_stage_validates_its_sections_only(
+    monkeypatch, digits_dirs, tmp_path
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    raw_params = compose([], REPO / "conf")  # what pipelines/train.py reads from params.yaml
+    config = validate_pipeline(raw_params)
+    raw, normalized = digits_dirs
+    with Tracker(config, raw_params) as tracker:
+        run_id = tracker.follow(
+            tracking.open_run, tracker.params, normalized, raw, normalized / "report.json"
+        ).result()
+    params = tracking.client(config).get_run(run_id).data.params
+    assert params["promote.metric"] == raw_params["promote"]["metric"]
+    assert params["sweep.n_trials"] == str(raw_params["sweep"]["n_trials"])
+    assert len(params) == len(flatten(raw_params)) > len(flatten(config))
+
+
 def test_a_run_the_store_lost_is_replaced_on_adopt_and_left_alone_on_use(config, digits_dirs):
     raw, normalized = digits_dirs
     with Tracker(config) as tracker:
-        adopted = tracker.adopt_run("0" * 32, normalized, raw).result()
+        adopted = tracker.follow(tracking.adopt_run, tracker.params, "0" * 32, normalized, raw).result()
     with Tracker(config) as tracker:
-        tracker.use_run("f" * 32)  # gone: what follows logs nothing, and does not fail
-        tracker.log_metrics({"x": 1.0})
+        tracker.follow(tracking.existing_run, "f" * 32)  # gone: what follows logs nothing, and does not fail
+        tracker.log(tracking.log_metrics, {"x": 1.0})
     client = tracking.client(config)
     (run,) = client.search_runs([tracking.experiment_id(config)])
     assert run.info.run_id == adopted["run_id"] != "0" * 32
@@ -63,22 +82,35 @@ def test_a_store_failure_is_the_stores_one_line(config, tmp_path, monkeypatch):
     store.write_bytes(b"not a database" * 100)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     tracker = Tracker(config)
-    reply = tracker.open_run(tmp_path, tmp_path, tmp_path / "report.json")
     with pytest.raises(TrackingError) as raised:
-        reply.result()
+        tracker.follow(tracking.open_run, None, tmp_path, tmp_path, tmp_path / "report.json").result()
     assert "is damaged" in str(raised.value) and str(store) in str(raised.value)
     assert raised.value.exit_code == StoreError.exit_code and "\n" not in str(raised.value)
     with pytest.raises(TrackingError):  # every later call says so too, and close does
-        tracker.log_metrics({"x": 1.0})
+        tracker.log(tracking.log_metrics, {"x": 1.0})
     with pytest.raises(TrackingError):
         tracker.close()
 
 
-def test_discard_stops_the_process_without_a_run(config):
+def test_a_call_that_fails_fails_the_stage_and_its_run(config, digits_dirs):
+    raw, normalized = digits_dirs
+    tracker = Tracker(config)
+    run = tracker.follow(tracking.open_run, None, normalized, raw, normalized / "report.json")
+    with tracker.run_status():
+        tracker.log(tracking.log_metrics, {"bad key!": 1.0})  # MLflow refuses the name
+    with pytest.raises(TrackingError) as raised:
+        tracker.close()
+    assert str(raised.value).startswith("MLflow tracking failed (log_metrics): MlflowException:")
+    assert "\n" not in str(raised.value)
+    assert tracking.client(config).get_run(run.result()).info.status == "FAILED"
+
+
+def test_discard_lets_the_worker_go_without_a_run(config):
     tracker = Tracker(config)
     tracker.discard()
     tracker.close()
-    assert tracker.process is None
+    with pytest.raises(RuntimeError):
+        tracker.log(tracking.log_metrics, {"x": 1.0})
     assert tracking.client(config).search_runs([tracking.experiment_id(config)]) == []
 
 
@@ -97,17 +129,18 @@ def test_launched_as_rank_zero_reads_the_launchers_variables(environ, zero):
 
 STAGE = """
 import os, signal, sys, time
+from pathlib import Path
 from imgclf.config.compose import compose
 from imgclf.config.operations import validate
-from imgclf.tracking.store import StoreError
+from imgclf.tracking import client
 from imgclf.tracking.worker import Tracker
 config = validate(compose([], sys.argv[1]))
 tracker = Tracker(config)
 with tracker.run_status():
-    print(tracker.open_run(*sys.argv[2:5]).result(), flush=True)
+    print(tracker.follow(client.open_run, None, *map(Path, sys.argv[2:5])).result(), flush=True)
     if sys.argv[5] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    os.killpg(os.getpgid(0), signal.SIGINT)  # Ctrl-C reaches the whole group, side process too
+    os.killpg(os.getpgid(0), signal.SIGINT)  # Ctrl-C reaches the whole group, the worker too
     time.sleep(30)
 """
 
@@ -128,7 +161,7 @@ def test_a_stage_that_dies_leaves_no_running_run(config, digits_dirs, tmp_path, 
     stage.wait(timeout=60)
     assert stage.returncode == -signal.SIGKILL if how == "kill" else stage.returncode != 0
     client = tracking.client(config)
-    for _ in range(100):  # the side process ends the run when it sees the stage gone
+    for _ in range(100):  # the worker ends the run when it sees the stage gone
         if client.get_run(run_id).info.status != "RUNNING":
             break
         time.sleep(0.1)
@@ -154,7 +187,7 @@ print(json.dumps(sorted(name for name in {heavy} if name in sys.modules)))
     ],
 )
 def test_a_stage_imports_only_what_it_runs(module, absent):
-    """What a stage imports costs every run of it: mlflow is the tracking process's, matplotlib
+    """What a stage imports costs every run of it: mlflow is the tracking worker's, matplotlib
     too (it draws the PNGs), and scikit-learn is nobody's."""
     code = CHECK_IMPORTS.format(module=module, heavy=absent)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=tool_env(REPO))

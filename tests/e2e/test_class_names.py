@@ -9,8 +9,8 @@ import pytest
 from imgclf.data.download import download
 from imgclf.data.normalize import normalize
 from imgclf.data.normalized import load_card
-from imgclf.stages.evaluation import evaluate
-from imgclf.stages.export import export
+from imgclf.stages.evaluation import EvalPaths, evaluate
+from imgclf.stages.export import ExportPaths, export
 from imgclf.stages.training.stage import TrainPaths, train
 from imgclf.tracking.worker import Tracker
 from tests.conftest import compose_config
@@ -56,9 +56,11 @@ def test_any_folder_name_works_end_to_end(tmp_path, monkeypatch):
     with Tracker(config) as tracker:  # one per stage, as each stage script starts its own
         train(config, TrainPaths(params, normalized, raw, checkpoint, out / "t.json", out / "c.csv"), tracker)
     with Tracker(config) as tracker:
-        export(config, checkpoint, normalized, raw, onnx, sidecar, tracker)
+        export(config, ExportPaths(params, checkpoint, normalized, raw, onnx, sidecar), tracker)
     with Tracker(config) as tracker:
-        metrics = evaluate(config, onnx, sidecar, normalized, out / "eval.json", out, tracker)
+        metrics = evaluate(
+            config, EvalPaths(params, onnx, sidecar, normalized, out / "eval.json", out), tracker
+        )
 
     assert json.loads((models / "model.json").read_text())["classes"] == CLASSES
     assert [row["class"] for row in csv.DictReader((out / "per_class.csv").open())] == CLASSES

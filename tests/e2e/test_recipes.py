@@ -13,7 +13,7 @@ from imgclf.data.fetch import RemoteFile
 from imgclf.data.normalize import normalize
 from imgclf.data.normalized import load_split
 from imgclf.data.sources import cifar10, idx
-from imgclf.stages.export import export
+from imgclf.stages.export import ExportPaths, export
 from imgclf.stages.training.stage import TrainPaths, train
 from imgclf.tracking.worker import Tracker
 from tests.code.test_config import RECIPES
@@ -69,7 +69,9 @@ def test_recipe_trains_and_exports_on_generated_data(recipe, tmp_path, monkeypat
 
     with Tracker(config) as tracker:
         onnx, sidecar_out = models / "model.onnx", models / "model.json"
-        sidecar = export(config, models / "model.ckpt", normalized, raw, onnx, sidecar_out, tracker)
+        sidecar = export(
+            config, ExportPaths(params, models / "model.ckpt", normalized, raw, onnx, sidecar_out), tracker
+        )
     assert sidecar["model"]["name"] == RECIPES[recipe][1]
     assert sidecar["export"]["parity_argmax_mismatches"] == 0
     assert sidecar["input"]["shape"] == ["batch", *load_split(normalized, "test")[0].shape[1:]]

@@ -2,7 +2,7 @@
 
 - args.py: the paths each stage's `cmd:` in dvc.yaml hands it.
 - cpu.py: the cap on torch's CPU instruction set (trainer.cpu_isa), set before torch is imported.
-- training.py: the Lightning module, its callbacks and the train stage.
+- training/: the Lightning module, its callbacks, the DDP launch checks, the Trainer and the train stage.
 - export.py: the checkpoint to models/model.onnx, parity-gated against torch.
 - evaluation.py: ONNX Runtime on the test split: metrics and plots.
 

@@ -7,6 +7,7 @@ precision and recall) and speed (batch-1 latency, large-batch throughput).
 import csv
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from imgclf.data.normalized import load_card, load_split
 from imgclf.fileio import atomic_path, read_json, write_json
 from imgclf.runtime import inference_session, predict_probabilities
 from imgclf.tracking import client as tracking
+from imgclf.tracking.plots import draw_confusion
 from imgclf.tracking.worker import Tracker
 
 PER_CLASS = "per_class.csv"  # in the plots folder
@@ -110,31 +112,37 @@ def write_confusion(labels, predicted, classes: list[str], csv_path: Path) -> No
         writer.writerows((classes[a], classes[p]) for a, p in zip(labels, predicted, strict=True))
 
 
-def evaluate(
-    config: PipelineConfig,
-    model_path: Path,
-    sidecar_path: Path,
-    data_dir: Path,
-    metrics_out: Path,
-    plots_dir: Path,
-    tracker: Tracker,
-) -> dict:
+@dataclass(frozen=True)
+class EvalPaths:
+    """What the evaluate stage reads and writes: its `cmd:` in dvc.yaml names each."""
+
+    params: Path
+    onnx: Path
+    sidecar: Path  # models/model.json: the run to log to
+    data: Path  # data/normalized: the test split
+    metrics: Path  # metrics/eval.json
+    plots: Path  # per-class scores and the confusion matrix
+
+
+def evaluate(config: PipelineConfig, paths: EvalPaths, tracker: Tracker) -> dict:
     """Write metrics/eval.json (headline numbers), per-class scores and the confusion matrix; log
     them to the pipeline's MLflow run (nothing, if outputs restored by DVC name a run the store
     no longer has)."""
-    tracker.use_run(read_json(sidecar_path)["lineage"]["mlflow_run_id"])
+    tracker.follow(tracking.existing_run, read_json(paths.sidecar)["lineage"]["mlflow_run_id"])
     with tracker.run_status():
-        # Speed is timed once the tracking process is idle: the timings share the CPU with nothing.
+        # Speed is timed once the tracking worker is idle: the timings share the CPU with nothing.
         scores = score(
-            model_path,
-            data_dir,
+            paths.onnx,
+            paths.data,
             config.evaluate.latency_runs,
             config.evaluate.throughput_batch,
-            before_speed=lambda scores: _write_quality(tracker, scores, plots_dir),
+            before_speed=lambda scores: _write_quality(tracker, scores, paths.plots),
         )
-        write_json(metrics_out, scores.metrics)
-        tracker.log_metrics({f"test_{k}": v for k, v in scores.metrics.items() if k.startswith(SPEED)})
-        tracker.log_artifacts([metrics_out])
+        write_json(paths.metrics, scores.metrics)
+        tracker.log(
+            tracking.log_metrics, {f"test_{k}": v for k, v in scores.metrics.items() if k.startswith(SPEED)}
+        )
+        tracker.log(tracking.log_artifacts, [paths.metrics])
     return scores.metrics
 
 
@@ -146,7 +154,7 @@ def score(
     before_speed: Callable[[Scores], None] = lambda scores: None,
 ) -> Scores:
     """The test split's quality and speed for one ONNX model: the evaluate stage's numbers, also
-    used to score the champion on a challenger's split (imgclf.registry.promotion)."""
+    used to score the champion on a challenger's split (imgclf.registry.scoring)."""
     classes = list(load_card(data_dir).classes)
     images, labels = load_split(data_dir, "test")
     session = inference_session(model_path)
@@ -166,7 +174,7 @@ def _write_quality(tracker: Tracker, scores: Scores, plots_dir: Path) -> None:
     confusion_csv, confusion_png = plots_dir / "confusion.csv", plots_dir / "confusion.png"
     write_confusion(scores.labels, scores.predicted, classes, confusion_csv)
     matrix = confusion_matrix(scores.labels, scores.predicted, len(classes))
-    tracker.draw_confusion(matrix.tolist(), classes, confusion_png)
+    tracker.submit(draw_confusion, matrix.tolist(), classes, confusion_png)
     flat = {f"test_{k}": v for k, v in scores.metrics.items()}
     # Class names are the user's folder names; MLflow keys allow fewer characters: the index
     # keeps two names that differ only there apart, and per_class.csv keeps the names as they are.
@@ -175,7 +183,7 @@ def _write_quality(tracker: Tracker, scores: Scores, plots_dir: Path) -> None:
         for i, row in enumerate(scores.per_class)
         for stat in ("precision", "recall")
     }
-    tracker.log_metrics(flat)
-    tracker.log_artifacts([per_class_csv])
-    tracker.log_artifacts([confusion_png], "plots")
-    tracker.wait_idle()
+    tracker.log(tracking.log_metrics, flat)
+    tracker.log(tracking.log_artifacts, [per_class_csv])
+    tracker.log(tracking.log_artifacts, [confusion_png], "plots")
+    tracker.wait()

@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from imgclf.fileio import atomic_path, write_json
 from imgclf.models import Checkpoint, load_checkpoint
 from imgclf.runtime import inference_session
 from imgclf.tracking import client as tracking
-from imgclf.tracking.worker import Reply, Tracker
+from imgclf.tracking.worker import Tracker
 
 CARD_METADATA = "imgclf.card"  # the ONNX metadata key that holds ModelCard.to_json()
 OPSET = 17  # pinned: a new exporter default must not silently change the served graph
@@ -119,28 +121,31 @@ def check_parity(model: Probabilities, proto: onnx.ModelProto, images: np.ndarra
     }
 
 
-def export(
-    config: PipelineConfig,
-    checkpoint: Path,
-    data_dir: Path,
-    raw_dir: Path,
-    onnx_out: Path,
-    sidecar_out: Path,
-    tracker: Tracker,
-) -> dict:
+@dataclass(frozen=True)
+class ExportPaths:
+    """What the export stage reads and writes: its `cmd:` in dvc.yaml names each."""
+
+    params: Path
+    checkpoint: Path  # models/model.ckpt
+    data: Path  # data/normalized: the test split checks parity
+    raw: Path  # data/raw/<name>: hashed into the lineage of a run made afresh
+    onnx: Path
+    sidecar: Path  # models/model.json
+
+
+def export(config: PipelineConfig, paths: ExportPaths, tracker: Tracker) -> dict:
     """Write models/model.onnx and models/model.json, or fail without touching them; log the
     model to the train stage's MLflow run (a fresh run if the store lost it)."""
-    trained = load_checkpoint(checkpoint)
-    run = tracker.adopt_run(trained.mlflow_run_id, data_dir, raw_dir)  # answered by the time it is read
+    trained = load_checkpoint(paths.checkpoint)
+    # Answered by the time it is read: {"run_id", "lineage"}.
+    run = tracker.follow(tracking.adopt_run, tracker.params, trained.mlflow_run_id, paths.data, paths.raw)
     with tracker.run_status():
-        return _export(config, tracker, trained, run, data_dir, onnx_out, sidecar_out)
+        return _export(config, paths, tracker, trained, run)
 
 
-def _export(
-    config, tracker: Tracker, trained: Checkpoint, run: Reply, data_dir, onnx_out, sidecar_out
-) -> dict:
+def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, run: Future) -> dict:
     model, card = Probabilities(trained.net).eval(), trained.card
-    test_images, _ = load_split(data_dir, "test")
+    test_images, _ = load_split(paths.data, "test")
     proto = to_onnx(model, torch.from_numpy(np.ascontiguousarray(test_images[:EXAMPLE_BATCH])), card)
     onnx.checker.check_model(proto, full_check=True)
     parity = check_parity(model, proto, test_images)
@@ -171,8 +176,10 @@ def _export(
             **lineage,
         },
     }
-    with atomic_path(onnx_out) as tmp:
+    with atomic_path(paths.onnx) as tmp:
         tmp.write_bytes(model_bytes)
-        write_json(sidecar_out, sidecar)
-    tracker.log_onnx_model(onnx_out, test_images[:EXAMPLE_BATCH].tolist(), parity, sidecar_out)
+        write_json(paths.sidecar, sidecar)
+    tracker.log(
+        tracking.log_onnx_model, paths.onnx, test_images[:EXAMPLE_BATCH].tolist(), parity, paths.sidecar
+    )
     return sidecar

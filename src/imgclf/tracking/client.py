@@ -94,13 +94,14 @@ def use_store(config: PipelineConfig) -> None:
     mlflow.set_tracking_uri(tracking_uri(config))
 
 
-def start_run(config: PipelineConfig, tags: dict[str, str]) -> str:
-    """Create the pipeline's run with the whole flattened config as params; return its id."""
+def start_run(config: PipelineConfig, tags: dict[str, str], params: dict | None = None) -> str:
+    """Create the pipeline's run with `params` (default: the whole config) flattened as its
+    params; return its id."""
     from mlflow.entities import Param
 
     mlflow_client = client(config)
     run = mlflow_client.create_run(experiment_id(config), tags=tags, run_name=run_name(config, tags))
-    params = [Param(key, str(value)) for key, value in flatten(config).items()]
+    params = [Param(key, str(value)) for key, value in flatten(config if params is None else params).items()]
     for start in range(0, len(params), 100):  # MLflow's per-request limit on params
         mlflow_client.log_batch(run.info.run_id, params=params[start : start + 100])
     return run.info.run_id
@@ -150,11 +151,36 @@ def run_status(config: PipelineConfig, run_id: str, finish: bool) -> Iterator[No
     try:
         yield
     except BaseException as error:
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        client(config).set_terminated(run_id, status)
+        end_run(config, run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     if finish:
-        client(config).set_terminated(run_id, "FINISHED")
+        end_run(config, run_id, "FINISHED")
+
+
+def end_run(config: PipelineConfig, run_id: str, status: str) -> None:
+    """End the run as FINISHED, FAILED or KILLED."""
+    client(config).set_terminated(run_id, status)
+
+
+def open_run(config: PipelineConfig, params: dict | None, data_dir: Path, raw_dir: Path, report: Path) -> str:
+    """A new pipeline run: lineage tags, `params` (default: the config), the data set and its
+    report; its id."""
+    tags = lineage(config, data_dir, raw_dir)
+    run_id = start_run(config, tags, params)
+    log_dataset(config, run_id, tags, report)
+    log_data_report(config, run_id, report)
+    return run_id
+
+
+def adopt_run(
+    config: PipelineConfig, params: dict | None, run_id: str | None, data_dir: Path, raw_dir: Path
+) -> dict:
+    """Run `run_id` if the store still has it, else a new run (outputs restored by DVC name a run
+    the store lost): {"run_id", "lineage"}."""
+    tags = lineage(config, data_dir, raw_dir)
+    if not (run_id and existing_run(config, run_id)):
+        run_id = start_run(config, tags, params)
+    return {"run_id": run_id, "lineage": tags}
 
 
 def metric_key(text: str) -> str:

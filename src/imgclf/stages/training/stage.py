@@ -4,6 +4,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -14,10 +15,12 @@ from imgclf.data.datamodule import ImageDataModule
 from imgclf.data.normalized import REPORT, load_card
 from imgclf.fileio import atomic_path, write_json
 from imgclf.models import build_model, checkpoint_record
-from imgclf.stages.training.callbacks import EpochCurves, MlflowEpochMetrics, write_curves
+from imgclf.stages.training.callbacks import EpochCurves, MlflowEpochMetrics, epoch_log_path, write_curves
 from imgclf.stages.training.launch import check_launch, processes_per_node
 from imgclf.stages.training.module import ImageClassifier
 from imgclf.stages.training.trainer import fit, make_trainer, quiet_lightning
+from imgclf.tracking import client as tracking
+from imgclf.tracking.plots import draw_curves
 from imgclf.tracking.worker import Tracker
 
 # metrics/train.json's keys as MLflow metrics: the best epoch's numbers say so; the rest as they are
@@ -53,8 +56,10 @@ def train(config: PipelineConfig, paths: TrainPaths, tracker: Tracker) -> dict[s
     )
     card = load_card(paths.data)
     net = build_model(config.model, card)
-    curves = EpochCurves()
-    to_mlflow = MlflowEpochMetrics(curves, tracker.log_metric_history, config.tracking.flush_seconds)
+    curves = EpochCurves(epoch_log_path(os.environ))  # rank 0 writes it; set by imgclf sweep
+    to_mlflow = MlflowEpochMetrics(
+        curves, partial(tracker.log, tracking.log_metric_history), config.tracking.flush_seconds
+    )
     # Lightning writes checkpoints from global rank 0 only, into rank 0's folder (it broadcasts the
     # path). A system temporary folder, not one beside the outputs: no other process, on this node
     # or another, creates anything in the checkout; rank 0 copies the best one into place.
@@ -65,7 +70,9 @@ def train(config: PipelineConfig, paths: TrainPaths, tracker: Tracker) -> dict[s
             tracker.discard()
             fit(trainer, ImageClassifier(net, config.train), datamodule)
             return {}
-        run_id = tracker.open_run(paths.data, paths.raw, paths.data / REPORT).result()
+        run_id = tracker.follow(
+            tracking.open_run, tracker.params, paths.data, paths.raw, paths.data / REPORT
+        ).result()
         # FINISHED when training is done; export continues the run, evaluate adds to it.
         with tracker.run_status():
             module = ImageClassifier(net, config.train, checkpoint_record(card, config.model, run_id))
@@ -76,11 +83,11 @@ def train(config: PipelineConfig, paths: TrainPaths, tracker: Tracker) -> dict[s
             metrics = summarize(curves.rows, seconds, to_mlflow.seconds, n_train, trainer.world_size)
             write_json(paths.metrics, metrics)
             write_curves(curves.rows, paths.curves)
-            tracker.log_metrics({BEST.get(k, k): v for k, v in metrics.items()})
-            tracker.log_artifacts([paths.params, paths.metrics, paths.curves])
+            tracker.log(tracking.log_metrics, {BEST.get(k, k): v for k, v in metrics.items()})
+            tracker.log(tracking.log_artifacts, [paths.params, paths.metrics, paths.curves])
             if paths.curves_png:
-                tracker.draw_curves(curves.rows, paths.curves_png)
-                tracker.log_artifacts([paths.curves_png], "plots")
+                tracker.submit(draw_curves, curves.rows, paths.curves_png)
+                tracker.log(tracking.log_artifacts, [paths.curves_png], "plots")
     return metrics
 
 
