@@ -39,6 +39,7 @@ run: install
 lint: install
 	ruff check .
 	ruff format --check .
+	lint-imports
 	actionlint
 	zizmor --offline --persona auditor .github/workflows
 
@@ -66,7 +67,7 @@ browser-deps:
 	else echo "browser-deps: install chromium and chromedriver for the web page's browser test"; fi
 
 # PostgreSQL (Debian's, version 15) for the shared tracking server and Optuna studies: the tests
-# start private clusters of it on free ports (bench/common.py postgres_server). Installed once.
+# start private clusters of it on free ports (tests/support/servers.py postgres_server). Installed once.
 server-deps:
 	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null; then \

@@ -6,7 +6,7 @@ contracts in pyproject.toml, checked by `make lint`):
 - cli.py: the `imgclf` command; imports each subsystem lazily, per command.
 - sweep/, registry/: operations (Optuna studies; the MLflow Model Registry and promotion).
 - stages/: the DVC stages' library code (training, export, evaluation).
-- tracking/: MLflow runs, the side process that makes a stage's MLflow calls, plots, the summary.
+- tracking/: MLflow runs, the worker process that makes a stage's MLflow calls, plots, the summary.
 - serving/: the inference path (`imgclf predict`, `imgclf serve`): no torch, lightning or mlflow.
 - data/, models/: data sets and networks; they know nothing of tracking, registry or stages.
 - config/: conf/ composed into params.yaml, and its schema.

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from imgclf.config.pipeline import AugmentConfig
 from imgclf.data.augment import BatchAugment
-from imgclf.data.datamodule import ImageDataModule, TensorBatches
+from imgclf.data.datamodule import ImageDataModule, Shard, TensorBatches
 
 
 def batches(seed, epochs=2):
@@ -33,7 +33,7 @@ def test_same_seed_gives_same_batches_and_another_seed_does_not():
 def test_ddp_processes_share_an_epoch_without_overlap_in_equal_steps():
     images = torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1)
     shards = [
-        TensorBatches(images, torch.arange(11), 2, shuffle=True, seed=3, rank=rank, world_size=3)
+        TensorBatches(images, torch.arange(11), 2, shuffle=True, seed=3, shard=Shard(rank, 3))
         for rank in range(3)
     ]
     seen = [[label for _, labels in shard for label in labels.tolist()] for shard in shards]

@@ -252,6 +252,39 @@ def test_editing_one_stages_code_reruns_that_stage_only(repo, path, reruns):
     run(["dvc", "repro"], repo)
 
 
+# Operations code and schema: what `imgclf promote`, `register`, `rollback`, `sweep` and `params` run.
+OPERATIONS = sorted(
+    str(path.relative_to(REPO))
+    for pattern in (
+        "src/imgclf/cli.py",
+        "src/imgclf/config/operations.py",
+        "src/imgclf/config/compose.py",
+        "src/imgclf/registry/*.py",
+        "src/imgclf/sweep/*.py",
+    )
+    for path in REPO.glob(pattern)
+)
+
+
+@pytest.mark.parametrize("path", OPERATIONS)
+def test_editing_operations_code_changes_no_stage(repo, path):
+    file = repo / path
+    original = file.read_text()
+    file.write_text(original + "\nOPERATIONS_EDIT = 1  # code, not only a comment\n")
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    finally:
+        file.write_text(original)
+    # download is always_changed (it checks its source itself); no stage has a changed dependency.
+    assert status == {"download": ["always changed"]}, f"editing {path} changes {status}"
+
+
+def test_the_operations_list_is_not_empty():
+    assert {"src/imgclf/cli.py", "src/imgclf/config/operations.py"} <= set(OPERATIONS)
+    assert any(path.startswith("src/imgclf/registry/") for path in OPERATIONS)
+    assert any(path.startswith("src/imgclf/sweep/") for path in OPERATIONS)
+
+
 def test_summary_never_points_at_a_run_the_store_does_not_have(repo):
     sidecar = json.loads((repo / "models/model.json").read_text())
     run_id = sidecar["lineage"]["mlflow_run_id"]

@@ -7,6 +7,7 @@ Training batches are augmented after they reach the device (`train.augment`), st
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -14,6 +15,13 @@ import torch
 from imgclf.config.pipeline import AugmentConfig
 from imgclf.data.augment import BatchAugment
 from imgclf.data.normalized import load_split
+
+
+class Shard(NamedTuple):
+    """This process's place under DDP: its global rank among `world_size` processes."""
+
+    rank: int
+    world_size: int
 
 
 class TensorBatches:
@@ -31,12 +39,11 @@ class TensorBatches:
         batch_size: int,
         shuffle: bool,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        shard: "Shard | None" = None,
     ):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = shard or Shard(0, 1)
         self.epoch = 0
 
     def _share(self) -> int:
@@ -102,8 +109,7 @@ class ImageDataModule(L.LightningDataModule):
             self.batch_size,
             shuffle=True,
             seed=self.seed,
-            rank=rank,
-            world_size=world_size,
+            shard=Shard(rank, world_size),
         )
 
     def val_dataloader(self) -> TensorBatches:

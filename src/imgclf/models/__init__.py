@@ -2,6 +2,9 @@
 
 Every module of this package is imported here, so that each registers its network
 (imgclf.models.catalog); `build_model` then builds the one `model.name` names.
+
+May import: the base, config.pipeline, torch. Never data/, tracking/, registry/, stages/, sweep/,
+cli or mlflow (import-linter's contracts in pyproject.toml).
 """
 
 import importlib

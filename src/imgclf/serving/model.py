@@ -67,7 +67,7 @@ class ServedModel:
             return registry.load(registry.resolve(), threads, max_pixels)
         path = Path(model)
         sidecar = _read_sidecar(path.with_suffix(".json")) if path.suffix == ".onnx" else None
-        return from_file(path, model, sidecar, None, threads, max_pixels, default_name=path.stem)
+        return from_file(path, model, sidecar, None, threads, max_pixels)
 
     def preprocess(self, data: bytes | str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
         """An image file (bytes or path) -> uint8 (C, H, W) for this model; BadImage if it cannot be,
@@ -100,9 +100,10 @@ def from_file(
     registry: dict | None,
     threads: int,
     max_pixels: int,
-    default_name: str,
 ) -> ServedModel:
-    """The session and metadata of one ONNX file (tensors in external files beside it load too)."""
+    """The session and metadata of one ONNX file (tensors in external files beside it load too).
+
+    Its name: the sidecar's, else the registered model's, else the file's stem."""
     try:
         model_bytes = path.read_bytes()
     except OSError as error:
@@ -121,7 +122,7 @@ def from_file(
     input_name, output_name = _check_signature(session, source, card)
     sha256 = hashlib.sha256(model_bytes).hexdigest()
     sidecar = sidecar or {}
-    name = sidecar.get("name") or (registry or {}).get("name") or default_name
+    name = sidecar.get("name") or (registry or {}).get("name") or path.stem
     return ServedModel(
         session=session,
         name=str(name),
@@ -270,7 +271,7 @@ class Registry:
                 "tracking_uri": self.store,
             }
             # The session has read the file (and any external data) when this returns.
-            model = from_file(onnx_files[0], fixed, sidecar, registry, threads, max_pixels, self.name)
+            model = from_file(onnx_files[0], fixed, sidecar, registry, threads, max_pixels)
         return replace(model, source=self.uri)
 
 
