@@ -10,6 +10,7 @@ with `resize: stretch` (the model most tests serve) and with `resize: crop`.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ import pytest
 from tests.support.repo import copy_repo  # the end-to-end tests run DVC in such copies
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A shell starts background jobs (`make test &`, nohup) with Ctrl-C ignored, and every process
+# the tests start would inherit that: the tests that send SIGINT, as a terminal's Ctrl-C does,
+# would see it ignored. A terminal's foreground job has the default: so do the tests.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 BIN = Path(sys.executable).parent
 
 

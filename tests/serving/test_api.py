@@ -285,7 +285,7 @@ def test_serve_takes_the_servers_body_limit_unless_told_and_says_so(monkeypatch,
     from imgclf.serving import server
 
     limits = []
-    monkeypatch.setattr(server, "serve", lambda model, **options: limits.append(options["max_body_bytes"]))
+    monkeypatch.setattr(server, "serve", lambda model, options: limits.append(options.max_body_bytes))
     cli.main(["serve", "--model", "model.onnx"])
     cli.main(["serve", "--model", "model.onnx", "--max-body-mb", "2.5"])
     assert limits == [DEFAULT_MAX_BODY_BYTES, int(2.5 * MIB)]
