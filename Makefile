@@ -8,7 +8,7 @@ VEGA := .dvc/plots/node_modules
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install run test test-all lint format ui serve bench clean browser-deps server-deps server \
-	register gate challenger champion rollback metrics-diff team-server remote push pull
+	register gate challenger champion rollback metrics-diff team-server remote push pull reproduce
 
 install: $(VENV)/.installed $(PLOTS_PAGE)
 
@@ -55,6 +55,11 @@ test: lint browser-deps server-deps
 test-all: lint browser-deps server-deps
 	pytest
 
+# `make run` on a clean copy of this work tree must give back dvc.lock, metrics/ and plots/ byte for
+# byte, and a clean `git status` (tests/e2e/test_reproduce.py runs it within `make test`).
+reproduce: install
+	python -m tests.support.reproduce
+
 # The web page's browser test drives Debian's chromium and chromedriver (no download at test time).
 # Installed once; a machine without apt-get gets a hint, and the test skips there (fails on CI).
 browser-deps:
@@ -77,14 +82,24 @@ server-deps:
 		echo "server-deps: could not install postgresql-15 (root or sudo needed); the PostgreSQL tests will skip"; \
 	else echo "server-deps: install PostgreSQL 15 for the scale-out tests"; fi
 
-ui: install
-	@python -m imgclf.tracking.summary --ui http://127.0.0.1:5000
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+# The servers (ui, serve, server, team-server) run under imgclf.supervisor: stopping one, by Ctrl-C
+# or by a kill of the process that listens on its port, stops every process it started.
+SUPERVISE = python -m imgclf.supervisor --
 
-# The pipeline's model: HTTP API and web page on http://127.0.0.1:8000/ (IMGCLF_TOKEN=... for a token).
+# The MLflow UI on http://127.0.0.1:5000 (UI_PORT), without MLflow's job runner (imgclf runs no
+# MLflow jobs; it would start seven more processes).
+UI_PORT ?= 5000
+ui: install
+	@python -m imgclf.tracking.summary --ui http://127.0.0.1:$(UI_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(SUPERVISE) mlflow ui \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# The pipeline's model: HTTP API and web page on http://127.0.0.1:8000/ (SERVE_PORT; IMGCLF_TOKEN=...
+# for a token).
+SERVE_PORT ?= 8000
 serve: install
 	@test -f models/model.onnx || { echo "make serve: no models/model.onnx; run \`make run\` first" >&2; exit 2; }
-	imgclf serve --model models/model.onnx
+	$(SUPERVISE) imgclf serve --model models/model.onnx --port $(SERVE_PORT)
 
 # --- The registry: what .github/workflows/promote.yml runs, one target per step ----------------
 # Inputs come from the environment (never interpolated by a workflow): VERSION, EXPECT_CHAMPION,
@@ -123,8 +138,9 @@ metrics-diff: install
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 server: install
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host $(SERVER_HOST) --port $(SERVER_PORT) \
-		--workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(SUPERVISE) mlflow server \
+		--host $(SERVER_HOST) --port $(SERVER_PORT) --workers 1 \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db \
 		--artifacts-destination $(CURDIR)/mlflow-server/artifacts
 
 # The shared tracking server for a team: runs and the registry in PostgreSQL, artifacts proxied into
@@ -138,8 +154,9 @@ team-server: install
 	*) echo "make team-server: BACKEND_URI must start postgresql+psycopg2:// (the installed driver), not $${BACKEND_URI%%:*}:" >&2; exit 2;; esac
 	@case "$$ARTIFACTS_URI" in s3://?*) ;; \
 	*) echo "make team-server: set ARTIFACTS_URI=s3://BUCKET/PATH (got '$$ARTIFACTS_URI')" >&2; exit 2;; esac
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host $(SERVER_HOST) --port $(SERVER_PORT) \
-		--workers 1 --backend-store-uri "$$BACKEND_URI" --artifacts-destination "$$ARTIFACTS_URI"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(SUPERVISE) mlflow server \
+		--host $(SERVER_HOST) --port $(SERVER_PORT) --workers 1 \
+		--backend-store-uri "$$BACKEND_URI" --artifacts-destination "$$ARTIFACTS_URI"
 
 # --- Data and models on a DVC remote (README: Scaling out) -------------------------------------
 # URL=s3://BUCKET/PATH: the default remote; only the URL goes into .dvc/config (commit it).

@@ -13,4 +13,5 @@ contracts in pyproject.toml, checked by `make lint`):
 - The inference-safe base, at the top: card.py (what a model expects and answers), images.py
   (decoding uploads and files), runtime.py (ONNX Runtime sessions), errors.py, fileio.py
   (atomic writes). These import no torch, lightning or mlflow.
+- supervisor.py, beside them: runs the make targets' servers so that stopping one leaves no process.
 """
