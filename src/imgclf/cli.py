@@ -73,23 +73,37 @@ class VersionAction(argparse.Action):
 def cmd_params(args: argparse.Namespace) -> None:
     from imgclf.config import compose as config
 
-    if args.check:
-        overrides = config.params_overrides()
-        # The advice keeps the experiment: the same overrides, on conf/ as it is now.
-        again = shlex.join(["imgclf", "params", *overrides])
-        drift = config.params_drift()
-        if drift:
-            raise ConfigError(
-                f"params.yaml drifted from conf/ ({len(drift)} keys): {'; '.join(drift)}. "
-                f"Run `{again}` to recompose it with its overrides"
-            )
-        recorded = config.recorded_overrides() is not None
-        how = "" if recorded else " (written by DVC; the overrides are read from its values)"
-        print(f"params.yaml matches conf/ with overrides {overrides}{how}: `{again}` reproduces it")
+    if not args.check:
+        config.write_params(args.overrides)
+        shown = " ".join(args.overrides) or "defaults"
+        print(f"params.yaml composed from conf/ ({shown})")
         return
-    config.write_params(args.overrides)
-    shown = " ".join(args.overrides) or "defaults"
-    print(f"params.yaml composed from conf/ ({shown})")
+    if args.overrides:
+        raise ConfigError(f"--check takes no overrides, got {shlex.join(args.overrides)}")
+    check = config.check_params()
+    again = shlex.join(["imgclf", "params", *check.overrides])
+    if check.drift:
+        keys = f"{len(check.drift)} key{'s' if len(check.drift) > 1 else ''}"
+        # Recomposing keeps the experiment (its overrides, on conf/ as it is now); keeping the
+        # values records them as the overrides that give them back.
+        keep = "" if check.keep is None else shlex.join(["imgclf", "params", *check.keep])
+        keep = f", or `{keep}` to keep its values" if keep else ""
+        raise ConfigError(
+            f"params.yaml drifted from conf/ ({keys}): {'; '.join(check.drift)}. "
+            f"Run `{again}` to recompose it with its overrides{keep}"
+        )
+    overrides = " ".join(check.overrides) or "no overrides"
+    if check.recorded:
+        print(f"params.yaml matches conf/ with {overrides}: `{again}` reproduces it")
+    elif check.overrides:
+        print(
+            f"params.yaml was written by DVC; it is conf/ with {overrides} (what differs from conf/'s "
+            f"defaults): `{again}` reproduces it and records them"
+        )
+    else:
+        print(
+            f"params.yaml was written by DVC; it is conf/'s defaults, no overrides: `{again}` reproduces it"
+        )
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -493,6 +507,4 @@ def add_sweep_command(commands) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if getattr(args, "check", False) and args.overrides:
-        raise SystemExit("imgclf: error: --check takes no overrides")
     run_or_exit(lambda: args.handler(args))
