@@ -24,6 +24,7 @@ BENCHMARKS = [
     "serving_peers",
     "serving_swap",
     "registry",
+    "registry_cli",
     "remote",
     "tracking",
     "ddp",

@@ -59,6 +59,7 @@ def wait_for(go: Path) -> None:
 
 def wait(go: Path) -> None:
     registry = Registry(cli.registry_config([]))
+    assert registry.client  # MLflow's client, which the lock writes with, imported before the wait
     wait_for(go)
     asked = time.time()
     with RegistryLock(registry, "promote --to challenger"):

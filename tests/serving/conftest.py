@@ -7,12 +7,20 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 TOKEN = "test-token-6f1c"
+
+
+@pytest.fixture(autouse=True)
+def version_cache(tmp_path, monkeypatch) -> Path:
+    """Registry versions are cached in each test's own folder, never in the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return tmp_path / "xdg-cache" / "imgclf" / "registry"
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@
 - flows.py: register, promote and rollback: slow work first, then a short critical section.
 
 Each module imports only those listed above it. The package may import: the base, config,
-tracking/, and stages.evaluation (in scoring.py only, to score a champion); never training. No
-pipeline stage imports this package: editing it re-runs no stage.
+tracking/, serving.registry_reader (client.py: reads without mlflow), and stages.evaluation (in
+scoring.py only, to score a champion); never training. No pipeline stage imports this package:
+editing it re-runs no stage.
 """

@@ -5,6 +5,10 @@ MLflow keeps no history of aliases: each move is a run in the experiment `<name>
 MLflow UI lists them) and tags on the version it moved to. MLflow's alias writes are not atomic
 either, so every write here goes through `fence`: while a `RegistryLock` (lock.py) is held, it
 checks before each write that the lock is still this process's, and stops the write otherwise.
+
+Reads go through serving's `registry_reader`: an `mlflow server` is read over its REST API, so
+that `imgclf models` and `imgclf promote --dry-run` never import mlflow (seconds); writes, and
+every access to a sqlite store, use MLflow's client, imported on first use.
 """
 
 import getpass
@@ -12,11 +16,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 from imgclf.config.operations import Config
 from imgclf.errors import ImgclfError
+from imgclf.serving.registry_reader import RegistryReadError, VersionRecord, registry_reader
 from imgclf.tracking import client as tracking
+from imgclf.tracking.store import prepare_store
 
 ALIASES = ("champion", "challenger", "previous")
 TAG = "imgclf."  # the prefix of every tag imgclf sets on a version
@@ -72,18 +79,27 @@ class Registry:
     """`registry.model_name` in the config's tracking store."""
 
     def __init__(self, config: Config):
-        from mlflow.exceptions import MlflowException
-
         # Each history entry is a run: MLflow would print a "View run" link for each on a server.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.config = config
         self.name = config.registry.model_name
         self.uri = tracking.tracking_uri(config)
-        self.client = tracking.client(config)
-        self.MlflowException = MlflowException
+        prepare_store(self.uri)
+        self.reader = registry_reader(self.uri)
         # Called before each write; the registry lock sets it while held (it raises if the lock
         # was lost), so that no write lands after another process took the lock over.
         self.fence: Callable[[], None] = lambda: None
+
+    @cached_property
+    def client(self):
+        """MLflow's client, for writes (and the lock): mlflow is imported on first use."""
+        return tracking.client(self.config)
+
+    @cached_property
+    def MlflowException(self) -> type[Exception]:
+        from mlflow.exceptions import MlflowException
+
+        return MlflowException
 
     def require_shared_store(self) -> None:
         """Refuse to write a registry that dies with a CI runner: its own sqlite file."""
@@ -96,65 +112,52 @@ class Registry:
     # --- reading ---------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        return self._registered_model(self.name) is not None
+        return self.reader.aliases(self.name) is not None
 
     def aliases(self) -> dict[str, str]:
         """alias -> version; empty when nothing is registered yet."""
-        model = self._registered_model(self.name)
-        return {alias: str(version) for alias, version in (model.aliases if model else {}).items()}
+        return self.reader.aliases(self.name) or {}
 
-    def versions(self) -> list:
-        """Every version, oldest first."""
-        if not self.exists():
-            return []
-        found = self.client.search_model_versions(f"name = '{self._quoted()}'")
+    def versions(self) -> list[VersionRecord]:
+        """Every version, oldest first (none when nothing is registered yet)."""
+        found = self.reader.search_versions(f"name = '{self._quoted()}'")
         return sorted(found, key=lambda version: int(version.version))
 
-    def version(self, number: str):
+    def version(self, number: str) -> VersionRecord:
         """Version `number`; RegistryError naming the versions there are if it does not exist."""
         if not str(number).isdigit():
             raise RegistryError(f"version {number!r}: expected a version number such as 3")
         try:
-            return self.client.get_model_version(self.name, str(number))
-        except self.MlflowException:
+            return self.reader.version(self.name, str(number))
+        except RegistryReadError as error:
+            if not error.code:  # no answer: not the version's fault
+                raise
             there = ", ".join(v.version for v in self.versions()) or "none"
             raise RegistryError(
                 f"model {self.name!r} has no version {number} in {self.uri} (versions: {there})"
             ) from None
 
-    def find(self, sha256: str):
+    def find(self, sha256: str) -> VersionRecord | None:
         """The version registered from the ONNX file with this SHA-256, if any."""
-        if not self.exists():
-            return None
         query = f"name = '{self._quoted()}' and tags.`{TAG}sha256` = '{sha256}'"
-        found = self.client.search_model_versions(query)
+        found = self.reader.search_versions(query)
         return min(found, key=lambda version: int(version.version)) if found else None
 
     def download_onnx(self, version: str, folder: Path) -> Path:
         """Version `version`'s ONNX file, downloaded into `folder`."""
-        import mlflow.artifacts
-
-        # Resolved here rather than as models:/<name>/<version>: MLflow resolves that form against
-        # the process-wide registry URI, not the one it is given.
-        uri = self.client.get_model_version_download_uri(self.name, version)
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(folder), tracking_uri=self.uri
-        )
-        found = sorted(Path(local).rglob("*.onnx")) if Path(local).is_dir() else [Path(local)]
+        local = self.reader.download_version(self.name, version, folder)
+        found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
         if not found or found[0].suffix != ".onnx":
             raise RegistryError(f"version {version} of {self.name!r} holds no .onnx file")
         return found[0]
 
     def history(self) -> list[dict]:
         """Every recorded move, oldest first."""
-        experiment = self.client.get_experiment_by_name(self.name + HISTORY_SUFFIX)
+        experiment = self.reader.experiment_id(self.name + HISTORY_SUFFIX)
         if experiment is None:
             return []
-        runs = self.client.search_runs(
-            [experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=50000
-        )
         keys = ("action", "alias", "version", "replaced", "moved", "actor", "reason", "ci_run", "at")
-        return [{key: run.data.tags.get(TAG + key, "") for key in keys} for run in runs]
+        return [{key: tags.get(TAG + key, "") for key in keys} for tags in self.reader.run_tags(experiment)]
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -224,14 +227,6 @@ class Registry:
         self.client.set_terminated(run.info.run_id, "FINISHED" if move.moved else "FAILED")
 
     # --- internals -------------------------------------------------------------------------
-
-    def _registered_model(self, name: str):
-        try:
-            return self.client.get_registered_model(name)
-        except self.MlflowException as error:
-            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
 
     def _quoted(self) -> str:
         return self.name.replace("'", "\\'")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +24,14 @@ from imgclf.card import ModelCard
 from imgclf.errors import ImgclfError
 from imgclf.images import MAX_PIXELS, decode_image
 from imgclf.runtime import inference_session
+from imgclf.serving.cache import CacheUnwritable, VersionCache
+from imgclf.serving.registry_reader import RegistryReadError, VersionRecord, registry_reader
+from imgclf.tracking.local import RUN_FILE, read_record
 from imgclf.tracking.store import StoreError, prepare_store, repo_root, resolve_tracking_uri
 
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))")
 CARD_METADATA = "imgclf.card"  # written by the export stage (imgclf.stages.export.CARD_METADATA)
+SHA256_TAG = "imgclf.sha256"  # the ONNX file's, on a version made by `imgclf register` (registry.evidence)
 # What ONNX Runtime raises for a file it cannot load (they derive from Exception, not one base).
 LOAD_ERRORS = (
     ort_errors.Fail,
@@ -123,6 +128,9 @@ def from_file(
     sha256 = hashlib.sha256(model_bytes).hexdigest()
     sidecar = sidecar or {}
     name = sidecar.get("name") or (registry or {}).get("name") or path.stem
+    lineage = dict(sidecar.get("lineage") or {})
+    if registry is None:  # the pipeline's file: its run and commit, if this checkout made it
+        lineage |= read_record(path.with_name(RUN_FILE), onnx_sha256=sha256)
     return ServedModel(
         session=session,
         name=str(name),
@@ -130,7 +138,7 @@ def from_file(
         source=source,
         sha256=sha256,
         card=card,
-        lineage=dict(sidecar.get("lineage") or {}),
+        lineage=lineage,
         registry=registry,
         max_pixels=max_pixels,
         input_name=input_name,
@@ -203,11 +211,12 @@ class Registry:
     """The registry a models:/ URI points into: resolve it (one call), then load a known version.
 
     Two steps, so that a server following an alias can ask the cheap question (which version?)
-    every few seconds and pay for a download only when the answer changes. mlflow takes seconds
-    to import: only a registry URI pays for it, here.
+    every few seconds and pay for a download only when the answer changes. A version's files are
+    downloaded once, into imgclf's cache (cache.py); an `mlflow server` is read over its REST API,
+    and only another store (a sqlite file) pays for importing mlflow (registry_reader.py).
     """
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, cache: VersionCache | None = None):
         match = REGISTRY_URI.fullmatch(uri)
         if not match:
             raise ModelError(f"model {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
@@ -221,75 +230,73 @@ class Registry:
             prepare_store(self.store)
         except StoreError as error:
             raise ModelError(f"model {uri!r}: {error}") from None
-        # Progress bars would garble `imgclf predict --json` output on a terminal.
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=self.store, registry_uri=self.store)
+        self.reader = registry_reader(self.store)
+        self.cache = cache or VersionCache()
+        self._resolved: VersionRecord | None = None  # what the last resolve() answered
 
     def resolve(self) -> str:
         """The version the URI names now: one registry call; RegistryUnavailable if it fails."""
-        from mlflow.exceptions import MlflowException
-
         try:
             if self.alias:
-                return str(self.client.get_model_version_by_alias(self.name, self.alias).version)
-            return str(self.client.get_model_version(self.name, self.version).version)
-        except MlflowException as error:
-            raise RegistryUnavailable(
-                f"model {self.uri!r}: {_one_line(error)} (store {self.store})"
-            ) from None
+                record = self.reader.version_by_alias(self.name, self.alias)
+            else:
+                record = self.reader.version(self.name, self.version)
+        except RegistryReadError as error:
+            raise RegistryUnavailable(f"model {self.uri!r}: {error} (store {self.store})") from None
+        self._resolved = record
+        return record.version
 
     def load(self, version: str, threads: int, max_pixels: int) -> ServedModel:
-        """Download `version` and load it: RegistryUnavailable if the download fails, ModelError
-        if the files are not a servable model."""
-        import mlflow.artifacts
-        from mlflow.exceptions import MlflowException
-
+        """Load `version`, from the cache or downloaded into it: RegistryUnavailable if the download
+        fails, ModelError if the files are not a servable model."""
         fixed = f"models:/{self.name}/{version}"  # what errors name: the exact artifact
         where = f"model {fixed!r}"
-        with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
-            try:
-                entry = self.client.get_model_version(self.name, version)
-                # The version's own location, not `fixed`: MLflow resolves a models:/ URI against
-                # the process-wide registry URI, whatever store it is given.
-                location = self.client.get_model_version_download_uri(self.name, version)
-                folder = mlflow.artifacts.download_artifacts(
-                    artifact_uri=location, dst_path=tmp, tracking_uri=self.store
+        try:
+            record = self._resolved if self._resolved and self._resolved.version == version else None
+            record = record or self.reader.version(self.name, version)
+            folder = self.cache.lookup(self.store, record)
+            if folder is None:
+                try:
+                    folder = self.cache.add(self.store, record, lambda work: self._download(record, work))
+                except CacheUnwritable:  # a read-only home: no cache, then
+                    with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
+                        self._download(record, Path(tmp))
+                        return self._from_folder(Path(tmp), record, threads, max_pixels)
+        except RegistryReadError as error:
+            raise RegistryUnavailable(f"{where}: {error} (store {self.store})") from None
+        return self._from_folder(folder, record, threads, max_pixels)
+
+    def _download(self, record: VersionRecord, work: Path) -> None:
+        """The version's files into work/files, its run's model.json into work/sidecar.json; the
+        ONNX file checked against the SHA-256 that `imgclf register` recorded, if it did."""
+        self.reader.download_version(record.name, record.version, work / "files")
+        registered = record.tags.get(SHA256_TAG)
+        if registered:
+            found = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (work / "files").rglob("*.onnx")}
+            if registered not in found:
+                raise RegistryReadError(
+                    f"the downloaded files hold no ONNX file with the SHA-256 the version was registered "
+                    f"with ({registered[:12]}…): an incomplete or altered download"
                 )
-            except (MlflowException, OSError) as error:
-                raise RegistryUnavailable(f"{where}: {_one_line(error)} (store {self.store})") from None
-            onnx_files = sorted(Path(folder).rglob("*.onnx"))
-            if not onnx_files:
-                raise ModelError(f"{where}: holds no .onnx file")
-            sidecar = _registered_sidecar(entry.run_id, tmp, self.store)
-            registry = {
-                "name": self.name,
-                "version": str(version),
-                "alias": self.alias,
-                "run_id": entry.run_id,
-                "tracking_uri": self.store,
-            }
-            # The session has read the file (and any external data) when this returns.
-            model = from_file(onnx_files[0], fixed, sidecar, registry, threads, max_pixels)
+        if record.run_id:
+            sidecar = self.reader.download_run_file(record.run_id, "model.json", work / "run")
+            if sidecar is not None:
+                os.replace(sidecar, work / "sidecar.json")
+            shutil.rmtree(work / "run", ignore_errors=True)
+
+    def _from_folder(self, folder: Path, record: VersionRecord, threads: int, max_pixels: int) -> ServedModel:
+        fixed = f"models:/{self.name}/{record.version}"
+        onnx_files = sorted((folder / "files").rglob("*.onnx"))
+        if not onnx_files:
+            raise ModelError(f"model {fixed!r}: holds no .onnx file")
+        registry = {
+            "name": self.name,
+            "version": record.version,
+            "alias": self.alias,
+            "run_id": record.run_id or None,
+            "tracking_uri": self.store,
+        }
+        sidecar = _read_sidecar(folder / "sidecar.json")
+        # The session has read the file (and any external data) when this returns.
+        model = from_file(onnx_files[0], fixed, sidecar, registry, threads, max_pixels)
         return replace(model, source=self.uri)
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(getattr(error, "message", None) or error).split())
-
-
-def _registered_sidecar(run_id: str | None, tmp: str, store: str) -> dict | None:
-    """The export stage's model.json, logged beside the model in its run; None if absent."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    if not run_id:
-        return None
-    try:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="model.json", dst_path=str(Path(tmp) / "run"), tracking_uri=store
-        )
-    except (MlflowException, OSError):
-        return None
-    return _read_sidecar(Path(path))
