@@ -6,10 +6,9 @@ metrics/eval.json after each.
 """
 
 import argparse
-import json
 import time
 
-from common import add_override_option, main_guard, row, write_result
+from common import add_override_option, main_guard, pipeline_metrics, row, write_result
 
 from tests.support.repo import pipeline_env, repo_copy, run
 
@@ -31,8 +30,8 @@ def main() -> None:
             started = time.perf_counter()
             run(["dvc", "repro"], copy, env)
             seconds = time.perf_counter() - started
-            metrics = json.loads((copy / "metrics" / "eval.json").read_text(encoding="utf-8"))
-            train = json.loads((copy / "metrics" / "train.json").read_text(encoding="utf-8"))
+            metrics = pipeline_metrics(copy, "eval")
+            train = pipeline_metrics(copy, "train")
             target = TARGETS.get(model)
             op = ">=" if target is not None else None
             rows += [

@@ -116,3 +116,11 @@ def add_override_option(parser) -> None:
         metavar="OVERRIDE",
         help="extra `imgclf params` override for a quick run, e.g. train.max_epochs=2",
     )
+
+
+def pipeline_metrics(root: Path, stage: str) -> dict:
+    """metrics/<stage>.json (git-tracked: what every run gives) with metrics/local/<stage>.json
+    (this machine's timings, git-ignored) when the stage wrote one."""
+    metrics = json.loads((root / "metrics" / f"{stage}.json").read_text(encoding="utf-8"))
+    local = root / "metrics" / "local" / f"{stage}.json"
+    return metrics | (json.loads(local.read_text(encoding="utf-8")) if local.is_file() else {})

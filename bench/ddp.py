@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, BenchError, main_guard, row, write_result
+from common import ROOT, BenchError, main_guard, pipeline_metrics, row, write_result
 
 from tests.support.repo import VENV_BIN
 from tests.support.servers import free_port
@@ -331,6 +331,7 @@ def compare_stage(raw: Path, normalized: Path, scratch: Path, repeats: int) -> d
                 cmd += ["--data", str(normalized), "--raw", str(raw), "--checkpoint", "models/model.ckpt"]
                 cmd += ["--metrics", "metrics/train.json", "--curves", "plots/train_curves.csv"]
                 cmd += ["--curves-png", "plots/train_curves.png"]
+                cmd += ["--run", "models/run.json", "--local", "metrics/local/train.json"]
                 rank_env = env | ({"NODE_RANK": str(rank)} if nodes > 1 else {})
                 processes.append(
                     subprocess.Popen(
@@ -347,7 +348,7 @@ def compare_stage(raw: Path, normalized: Path, scratch: Path, repeats: int) -> d
             for process, log in zip(processes, logs, strict=True):
                 if process.returncode:
                     raise BenchError(f"stage {side} exited {process.returncode}:\n{log[-3000:]}")
-            metrics = json.loads((folder / "node0" / "metrics/train.json").read_text())
+            metrics = pipeline_metrics(folder / "node0", "train")
             train_seconds[side].append(metrics["train_seconds"])
             epochs[side] = metrics["epochs"]
             print(f"  stage {side} #{attempt + 1}: {wall[side][-1]:.1f} s wall", flush=True)

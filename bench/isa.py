@@ -2,22 +2,21 @@
 
 Runs in a committed temporary copy of the work tree: `dvc repro export` once (uncapped), then
 `dvc repro -f -s train export` --runs times per cap, the caps taking turns so that both see the
-same load on shared cores. Each run's weights (md5 of the checkpoint's state dict: the file itself
-holds the MLflow run id) and models/model.onnx are hashed. A cap must give the same files on every
-run (the target); whether two caps agree says which kernels this CPU picks natively (on a CPU with
-AVX-512, `native` and `avx512` agree and `avx2` differs). The cost is the stage's own fit time
-(metrics/train.json train_seconds), best of the runs (other work on shared cores only ever adds
-time, by 2-5x on 2 busy cores), of the second cap against the first. The weights also depend on
+same load on shared cores. Each run's weights (md5 of the checkpoint's state dict) and
+models/model.onnx are hashed. A cap must give the same files on every run (the target);
+whether two caps agree says which kernels this CPU picks natively (on a CPU with AVX-512,
+`native` and `avx512` agree and `avx2` differs). The cost is the stage's own fit time
+(metrics/local/train.json train_seconds), best of the runs (other work on shared cores only ever
+adds time, by 2-5x on 2 busy cores), of the second cap against the first. The weights also depend on
 the number of threads: compare runs with the same OMP_NUM_THREADS.
 The three variables are removed from the environment first: a user's own would override the cap.
 """
 
 import argparse
 import hashlib
-import json
 from pathlib import Path
 
-from common import add_override_option, main_guard, row, write_result
+from common import add_override_option, main_guard, pipeline_metrics, row, write_result
 
 from imgclf.stages.cpu import CPU_ISA_ENV, CPU_ISA_VARIABLES, cap_cpu_isa
 from tests.support.repo import git_commit, pipeline_env, repo_copy, run
@@ -39,7 +38,7 @@ def weights_md5(checkpoint: Path) -> str:
 
 def train_once(copy: Path, env: dict[str, str]) -> dict:
     run(REPRO_STAGES, copy, env)
-    train = json.loads((copy / "metrics" / "train.json").read_text(encoding="utf-8"))
+    train = pipeline_metrics(copy, "train")
     return {
         "weights_md5": weights_md5(copy / "models" / "model.ckpt"),
         "onnx_md5": hashlib.md5((copy / "models" / "model.onnx").read_bytes()).hexdigest(),
@@ -67,9 +66,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = {cap: [] for cap in args.caps}
     with repo_copy(keep=args.keep) as copy:
         base = {k: v for k, v in pipeline_env(copy).items() if k not in CPU_ISA_VARIABLES}
-        if args.set:
-            run(["imgclf", "params", *args.set], copy, base)
-            git_commit(copy, f"benchmark overrides {args.set}")
+        # The config leaves every library free (`native`); each run's cap is its environment's.
+        run(["imgclf", "params", "trainer.cpu_isa=native", *args.set], copy, base)
+        git_commit(copy, f"benchmark overrides {['trainer.cpu_isa=native', *args.set]}")
         print(f"dvc repro export in {copy} ...", flush=True)
         run(["dvc", "repro", "export"], copy, base)
         for turn in range(args.runs):

@@ -6,10 +6,18 @@ then `dvc repro train` timed as a whole process, then `dvc repro` for export and
 """
 
 import argparse
-import json
 from pathlib import Path
 
-from common import ROOT, BenchError, add_override_option, main_guard, row, timed, write_result
+from common import (
+    ROOT,
+    BenchError,
+    add_override_option,
+    main_guard,
+    pipeline_metrics,
+    row,
+    timed,
+    write_result,
+)
 
 from tests.support.repo import pipeline_env, repo_copy, run
 
@@ -38,8 +46,8 @@ def main() -> None:
         print("dvc repro train (timed) ...", flush=True)
         train_s = timed(["dvc", "repro", "train"], copy, env)
         run(["dvc", "repro"], copy, env)
-        train = json.loads((copy / "metrics" / "train.json").read_text(encoding="utf-8"))
-        evaluation = json.loads((copy / "metrics" / "eval.json").read_text(encoding="utf-8"))
+        train = pipeline_metrics(copy, "train")
+        evaluation = pipeline_metrics(copy, "eval")
     rows = [
         row(f"{args.experiment} test accuracy", evaluation["accuracy"], "", ">=", ACCURACY_TARGET),
         row(f"{args.experiment} train stage wall", round(train_s, 1), "s", "<=", TRAIN_STAGE_TARGET_S),

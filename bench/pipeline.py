@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 
 import yaml
-from common import BenchError, add_override_option, main_guard, row, timed, timed_lines, write_result
+from common import (
+    BenchError,
+    add_override_option,
+    main_guard,
+    pipeline_metrics,
+    row,
+    timed,
+    timed_lines,
+    write_result,
+)
 
 from tests.support.repo import git_commit, pipeline_env, repo_copy, run
 
@@ -116,7 +125,7 @@ def main() -> None:
         if not eval_path.is_file():
             raise BenchError("dvc repro finished but wrote no metrics/eval.json")
         evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
-        train = json.loads((copy / "metrics" / "train.json").read_text(encoding="utf-8"))
+        train = pipeline_metrics(copy, "train")
 
     noop = statistics.median(noops)
     rows = [

@@ -10,11 +10,10 @@ with the model's input spec, as `imgclf predict` and `imgclf serve` decode an up
 
 import argparse
 import io
-import json
 from pathlib import Path
 
 import numpy as np
-from common import add_override_option, main_guard, row, write_result
+from common import add_override_option, main_guard, pipeline_metrics, row, write_result
 from PIL import Image
 
 from tests.support.repo import pipeline_env, repo_copy, run
@@ -81,7 +80,7 @@ def main() -> None:
             run(["imgclf", "params", *overrides], copy, env)
             run(["dvc", "repro"], copy, env)
             scores = polarity_accuracy(copy)
-            evaluation = json.loads((copy / "metrics" / "eval.json").read_text(encoding="utf-8"))
+            evaluation = pipeline_metrics(copy, "eval")
             for name, value in scores.items():
                 target = (UPLOAD_TARGET if "PNG" in name else ARRAY_TARGET) if invert == "true" else None
                 op = ">=" if target is not None else None

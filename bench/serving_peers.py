@@ -67,8 +67,7 @@ def logged_model_id(copy: Path, store: str) -> str:
     """The id of the ONNX model the export stage logged in the pipeline's run (`models:/<id>`)."""
     from mlflow import MlflowClient
 
-    sidecar = json.loads((copy / "models" / "model.json").read_text(encoding="utf-8"))
-    run_id = sidecar["lineage"]["mlflow_run_id"]
+    run_id = json.loads((copy / "models" / "run.json").read_text(encoding="utf-8"))["mlflow_run_id"]
     client = MlflowClient(tracking_uri=store)
     run = client.get_run(run_id)
     for output in run.outputs.model_outputs if run.outputs else []:

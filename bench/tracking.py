@@ -19,7 +19,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from common import BenchError, main_guard, row, timed_lines, write_result
+from common import BenchError, main_guard, pipeline_metrics, row, timed_lines, write_result
 from pipeline import TRACKING_SHARE, stage_seconds
 
 from tests.support.repo import pipeline_env, repo_copy
@@ -37,9 +37,9 @@ def tracked_repro(tracking_uri: str | None, keep: bool) -> dict:
         store = tracking_uri or f"sqlite:///{copy / 'mlflow.db'}"
         print(f"dvc repro from scratch in {copy}, tracking into {store} ...", flush=True)
         seconds, lines = timed_lines(["dvc", "repro"], copy, env)
-        train = json.loads((copy / "metrics" / "train.json").read_text(encoding="utf-8"))
-        sidecar = json.loads((copy / "models" / "model.json").read_text(encoding="utf-8"))
-        check_run(store, sidecar["lineage"]["mlflow_run_id"])
+        train = pipeline_metrics(copy, "train")
+        made_by = json.loads((copy / "models" / "run.json").read_text(encoding="utf-8"))
+        check_run(store, made_by["mlflow_run_id"])
     return {"repro_s": round(seconds, 2), "stage_s": stage_seconds(seconds, lines), "train": train}
 
 

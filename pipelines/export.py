@@ -8,14 +8,13 @@ from imgclf.tracking.worker import Tracker
 
 
 def main() -> None:
-    paths = stage_paths(__doc__, "params", "checkpoint", "data", "raw", "onnx", "sidecar")
+    paths = stage_paths(__doc__, "params", "checkpoint", "data", "raw", "onnx", "sidecar", "run", "local")
     params = read_yaml(paths.params)  # logged to a new run if the store lost the train stage's
     config = validate_pipeline(params)
     with Tracker(config, params, model=True) as tracker:  # the worker imports mlflow, this process torch
         from imgclf.stages.export import ExportPaths, export
 
-        sidecar = export(config, ExportPaths(**vars(paths)), tracker)
-    parity = sidecar["export"]
+        _, parity = export(config, ExportPaths(**vars(paths)), tracker)
     print(
         f"export: {paths.onnx}, parity max |Δp| {parity['parity_max_abs_diff']:.1e} "
         f"on {parity['parity_n']} test images"

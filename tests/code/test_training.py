@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -80,22 +82,28 @@ def test_train_twice_in_one_process_opens_two_runs_and_leaks_nothing(config, dig
     """The real train entry with tiny settings: checkpoint, metrics and curves, a run per call."""
     from mlflow.tracking import MlflowClient
 
-    from imgclf.models import load_checkpoint
-
     raw, normalized = digits_dirs
     params = tmp_path / "params.yaml"
     params.write_text("seed: 42\n")
     config = validate(compose(["train.max_epochs=2"], REPO / "conf"))
-    run_ids = []
+    run_ids, outputs = [], []
     for attempt in ("first", "second"):
         out = tmp_path / attempt
         with Tracker(config) as tracker:
             outs = (out / "model.ckpt", out / "train.json", out / "curves.csv")
-            metrics = train(config, TrainPaths(params, normalized, raw, *outs), tracker)
+            paths = TrainPaths(params, normalized, raw, *outs, run=out / "run.json", local=out / "local.json")
+            metrics = train(config, paths, tracker)
         assert metrics["epochs"] == 2 and 0 < metrics["val_acc"] <= 1
         assert (out / "train.json").is_file() and (out / "curves.csv").read_text().count("\n") == 3
-        run_ids.append(load_checkpoint(out / "model.ckpt").mlflow_run_id)
+        run = json.loads((out / "run.json").read_text())
+        assert run["checkpoint_sha256"] == hashlib.sha256((out / "model.ckpt").read_bytes()).hexdigest()
+        assert json.loads((out / "local.json").read_text())["train_seconds"] > 0
+        assert "train_seconds" not in json.loads((out / "train.json").read_text())  # timings: not in git
+        run_ids.append(run["mlflow_run_id"])
+        outputs.append([(out / name).read_bytes() for name in ("model.ckpt", "train.json", "curves.csv")])
     assert run_ids[0] != run_ids[1]
+    # Two runs, one result: what DVC hashes into dvc.lock is the same bytes (no run id, no paths).
+    assert outputs[0] == outputs[1]
     client = MlflowClient(tracking.tracking_uri(config))
     for run_id in run_ids:
         run = client.get_run(run_id)

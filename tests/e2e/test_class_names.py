@@ -52,21 +52,19 @@ def test_any_folder_name_works_end_to_end(tmp_path, monkeypatch):
     assert list(load_card(normalized).classes) == CLASSES
     (tmp_path / "params.yaml").write_text("seed: 42\n")
     params, checkpoint = tmp_path / "params.yaml", models / "model.ckpt"
-    onnx, sidecar = models / "model.onnx", models / "model.json"
+    onnx, sidecar, run_file = models / "model.onnx", models / "model.json", models / "run.json"
     with Tracker(config) as tracker:  # one per stage, as each stage script starts its own
-        train(config, TrainPaths(params, normalized, raw, checkpoint, out / "t.json", out / "c.csv"), tracker)
+        paths = TrainPaths(params, normalized, raw, checkpoint, out / "t.json", out / "c.csv", run=run_file)
+        train(config, paths, tracker)
     with Tracker(config) as tracker:
-        export(config, ExportPaths(params, checkpoint, normalized, raw, onnx, sidecar), tracker)
+        export(config, ExportPaths(params, checkpoint, normalized, raw, onnx, sidecar, run=run_file), tracker)
     with Tracker(config) as tracker:
-        metrics = evaluate(
-            config, EvalPaths(params, onnx, sidecar, normalized, out / "eval.json", out), tracker
-        )
+        paths = EvalPaths(params, onnx, sidecar, normalized, out / "eval.json", out, run=run_file)
+        metrics = evaluate(config, paths, tracker)
 
     assert json.loads((models / "model.json").read_text())["classes"] == CLASSES
     assert [row["class"] for row in csv.DictReader((out / "per_class.csv").open())] == CLASSES
-    run = MlflowClient(store).get_run(
-        json.loads((models / "model.json").read_text())["lineage"]["mlflow_run_id"]
-    )
+    run = MlflowClient(store).get_run(json.loads(run_file.read_text())["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_accuracy"] == metrics["accuracy"]
     recall_keys = sorted(key for key in run.data.metrics if key.startswith("test_recall/"))

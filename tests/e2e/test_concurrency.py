@@ -59,7 +59,7 @@ def test_two_clones_sharing_one_sqlite_store_run_at_once(tmp_path_factory):
         experiments = connection.execute("SELECT name FROM experiments WHERE name = 'imgclf'").fetchall()
     assert runs == [("FINISHED",), ("FINISHED",)] and len(experiments) == 1
     for clone in clones:  # each clone's model names its own run in the shared store
-        run_id = json.loads((clone / "models/model.json").read_text())["lineage"]["mlflow_run_id"]
+        run_id = json.loads((clone / "models/run.json").read_text())["mlflow_run_id"]
         with sqlite3.connect(store) as connection:
             assert connection.execute(
                 "SELECT COUNT(*) FROM runs WHERE run_uuid = ?", (run_id,)

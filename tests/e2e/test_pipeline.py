@@ -64,9 +64,9 @@ def repo(evaluated_pipeline, tmp_path_factory):
 def mlflow_run(repo):
     from mlflow.tracking import MlflowClient
 
-    sidecar = json.loads((repo / "models/model.json").read_text())
+    made_by = json.loads((repo / "models/run.json").read_text())
     client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
-    return client, client.get_run(sidecar["lineage"]["mlflow_run_id"])
+    return client, client.get_run(made_by["mlflow_run_id"])
 
 
 def test_default_config_reaches_097_test_accuracy(repo):
@@ -76,7 +76,13 @@ def test_default_config_reaches_097_test_accuracy(repo):
     per_class = list(csv.DictReader((repo / "plots/per_class.csv").open()))
     assert [row["class"] for row in per_class] == [str(d) for d in range(10)]
     assert sum(int(row["support"]) for row in per_class) == 270
-    assert metrics["latency_ms_p50_b1"] > 0 and metrics["throughput_b256"] > 0
+    # Timings are this machine's: git-ignored, beside the metrics git tracks, and in MLflow.
+    assert not {"latency_ms_p50_b1", "throughput_b256"} & set(metrics)
+    speed = json.loads((repo / "metrics/local/eval.json").read_text())
+    assert speed["latency_ms_p50_b1"] > 0 and speed["throughput_b256"] > 0
+    assert speed["onnx_sha256"] == hashlib.sha256((repo / "models/model.onnx").read_bytes()).hexdigest()
+    ignored = run(["git", "check-ignore", "metrics/local/eval.json", "models/run.json"], repo).stdout.split()
+    assert ignored == ["metrics/local/eval.json", "models/run.json"]
     confusion = (repo / "plots/confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 271
 
@@ -94,6 +100,7 @@ def test_mlflow_run_has_params_epoch_metrics_tags_and_model(repo, mlflow_run, mo
     assert len(history) == epochs > 1
     assert data.metrics["test_accuracy"] >= 0.97
     assert "parity_max_abs_diff" in data.metrics
+    assert data.metrics["test_latency_ms_p50_b1"] > 0 and data.metrics["train_seconds"] > 0
 
     head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert data.tags["git.commit"] == head
@@ -185,11 +192,12 @@ def test_dvc_exp_run_composes_overrides(repo):
     assert params["model"]["name"] == "cnn" and params["train"]["lr"] == 0.01
     sidecar = json.loads((repo / "models/model.json").read_text())
     assert sidecar["model"]["name"] == "cnn"
-    name = sidecar["lineage"]["dvc.exp_name"]
+    made_by = json.loads((repo / "models/run.json").read_text())
+    name = made_by["dvc.exp_name"]
     assert name
     # DVC wrote params.yaml without imgclf's header: `make run`'s check accepts it as it is.
     assert "written by DVC" in run(["imgclf", "params", "--check"], repo).stdout
-    run_ = MlflowClient(f"sqlite:///{repo}/mlflow.db").get_run(sidecar["lineage"]["mlflow_run_id"])
+    run_ = MlflowClient(f"sqlite:///{repo}/mlflow.db").get_run(made_by["mlflow_run_id"])
     assert run_.data.tags["git.dirty"] == "false" and run_.data.tags["dvc.exp_name"] == name
     assert run_.info.run_name == name and run_.info.status == "FINISHED"
 
@@ -286,8 +294,7 @@ def test_the_operations_list_is_not_empty():
 
 
 def test_summary_never_points_at_a_run_the_store_does_not_have(repo):
-    sidecar = json.loads((repo / "models/model.json").read_text())
-    run_id = sidecar["lineage"]["mlflow_run_id"]
+    run_id = json.loads((repo / "models/run.json").read_text())["mlflow_run_id"]
     assert f"MLflow run      {run_id}  (" in run(["python", "-m", "imgclf.tracking.summary"], repo).stdout
     store, aside = repo / "mlflow.db", repo.parent / "mlflow.db.aside"
     store.rename(aside)  # as after `rm mlflow.db; make run`: outputs come back from DVC's run cache

@@ -69,7 +69,7 @@ def test_recipe_trains_and_exports_on_generated_data(recipe, tmp_path, monkeypat
 
     with Tracker(config) as tracker:
         onnx, sidecar_out = models / "model.onnx", models / "model.json"
-        sidecar = export(
+        sidecar, _ = export(
             config, ExportPaths(params, models / "model.ckpt", normalized, raw, onnx, sidecar_out), tracker
         )
     assert sidecar["model"]["name"] == RECIPES[recipe][1]

@@ -4,6 +4,7 @@ pipelines, against a sqlite store and against a real `mlflow server`."""
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def test_register_is_idempotent_and_tags_what_the_gates_need(repos, store, tmp_p
     metrics = json.loads((good / "metrics/eval.json").read_text())
     tags = version.tags
     assert tags["imgclf.sha256"] == sidecar["lineage"]["onnx_sha256"]
-    assert tags["imgclf.commit"] == sidecar["lineage"]["git.commit"] and tags["imgclf.dirty"] == "false"
+    made_by = json.loads((good / "models/run.json").read_text())  # the commit: git-ignored, beside it
+    assert tags["imgclf.commit"] == made_by["git.commit"] and tags["imgclf.dirty"] == "false"
+    assert "git.commit" not in sidecar["lineage"]  # DVC-tracked: the same for every run
     assert tags["imgclf.data_sha256"] == sidecar["lineage"]["data.normalized_sha256"]
     assert json.loads(tags["imgclf.classes"]) == sidecar["classes"]
     assert float(tags["imgclf.metric.accuracy"]) == metrics["accuracy"]
@@ -70,7 +73,7 @@ def test_register_makes_the_pipelines_logged_model_a_version(repos):
     own = f"sqlite:///{good / 'mlflow.db'}"
     imgclf(good, own, "register")
     (version,) = versions(own, model_name(good))
-    run_id = json.loads((good / "models/model.json").read_text())["lineage"]["mlflow_run_id"]
+    run_id = json.loads((good / "models/run.json").read_text())["mlflow_run_id"]
     assert version.run_id == run_id
     (logged,) = MlflowClient(own).get_run(run_id).outputs.model_outputs
     assert version.source == f"models:/{logged.model_id}"
@@ -279,3 +282,38 @@ def test_the_mlflow_ui_shows_the_model_card_and_links_each_version_to_its_run(re
     browser.get(f"{mlflow_server}/#/models/{name}/versions/1")
     link = wait.until(expected_conditions.presence_of_element_located((By.PARTIAL_LINK_TEXT, run_name[:12])))
     assert version.run_id in link.get_attribute("href")
+
+
+READ_PROBE = """
+import json, sys
+from imgclf import cli
+try:
+    cli.main(sys.argv[1:])
+    code = 0
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"code": code, "mlflow": "mlflow" in sys.modules}), file=sys.stderr)
+"""
+
+
+def test_the_read_commands_read_a_server_without_mlflow_and_say_what_its_client_says(repos, mlflow_server):
+    """`imgclf models` and `imgclf promote --dry-run` read an `mlflow server` over REST, so they
+    import no mlflow; what they print is what they print through MLflow's own client."""
+    from imgclf.registry import client
+    from imgclf.serving.registry_reader import MlflowReader
+
+    good, weak = repos["good"], repos["weak"]
+    imgclf(good, mlflow_server, "register")
+    imgclf(good, mlflow_server, "promote", "--reason", "first model")
+    env = tool_env(weak) | {"MLFLOW_TRACKING_URI": mlflow_server}
+    for args in (["models"], ["models", "--json"], ["models", "--history"], ["promote", "--dry-run"]):
+        done = subprocess.run(
+            [sys.executable, "-c", READ_PROBE, *args], cwd=weak, env=env, capture_output=True, text=True
+        )
+        probe = json.loads(done.stderr.strip().splitlines()[-1])
+        assert probe["mlflow"] is False, args
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(client, "registry_reader", MlflowReader)
+            through_mlflow = imgclf(weak, mlflow_server, *args, check=False)
+        assert (probe["code"], done.stdout) == (through_mlflow.returncode, through_mlflow.stdout), args
+    assert "models/model.onnx (not registered)" in done.stdout  # the dry run gated the weak model

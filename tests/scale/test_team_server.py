@@ -51,7 +51,7 @@ def team_pipeline(evaluated_pipeline, team_server, tmp_path_factory) -> Path:
 
 def test_the_pipeline_lands_in_postgresql_and_the_bucket(team_pipeline, team_server):
     root = team_pipeline
-    run_id = json.loads((root / "models/model.json").read_text())["lineage"]["mlflow_run_id"]
+    run_id = json.loads((root / "models/run.json").read_text())["mlflow_run_id"]
     ((status, experiment_id, artifact_uri),) = team_server.query(
         "SELECT status, experiment_id, artifact_uri FROM runs WHERE run_uuid = :id", id=run_id
     )

@@ -33,26 +33,28 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-def repo_files(root: Path = ROOT) -> list[str]:
-    """Tracked and untracked-but-not-ignored files of the work tree that exist on disk."""
+def repo_files(root: Path = ROOT, with_lock: bool = False) -> list[str]:
+    """Tracked and untracked-but-not-ignored files of the work tree that exist on disk (without
+    dvc.lock unless `with_lock`)."""
     listed = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], root)
     files = [name for name in listed.split("\0") if name]
     return [
         name
         for name in files
         if name.split("/")[0] not in EXCLUDED
-        and name not in EXCLUDED_FILES
+        and (with_lock or name not in EXCLUDED_FILES)
         and not name.startswith("bench/results/")
         and (root / name).is_file()
     ]
 
 
-def copy_repo(dest: Path, root: Path = ROOT) -> Path:
+def copy_repo(dest: Path, root: Path = ROOT, with_lock: bool = False) -> Path:
     """The work tree's files (`repo_files`) copied into `dest`, committed in a fresh git repo.
 
-    What a clean clone of this work tree would hold, uncommitted changes included.
+    What a clean clone of this work tree would hold, uncommitted changes included (and dvc.lock,
+    `with_lock`: then `dvc repro` compares against it, as in a clone).
     """
-    for name in repo_files(root):
+    for name in repo_files(root, with_lock):
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, target)

@@ -130,7 +130,8 @@ class TrainerConfig(Section):
     strategy: Literal["auto", "ddp"]  # not ddp_spawn: the epoch curves live in the main process
     precision: Literal["32-true", "16-mixed", "bf16-mixed"]
     deterministic: bool
-    cpu_isa: Literal["native", "avx2", "avx512", "compatible"]  # caps the CPU kernels (imgclf.stages.cpu)
+    # caps the CPU kernels (imgclf.stages.cpu)
+    cpu_isa: Literal["native", "portable", "avx2", "avx512", "compatible"]
 
     @model_validator(mode="after")
     def nodes_agree_on_devices(self) -> "TrainerConfig":

@@ -32,17 +32,17 @@ def build_model(config: ModelConfig, card: ModelCard) -> nn.Sequential:
 
 
 class Checkpoint(NamedTuple):
-    """What the train stage's checkpoint holds: the card, the network's config, the run, the net."""
+    """What the train stage's checkpoint holds: the card, the network's config, the net. Not the
+    MLflow run (models/run.json names it): identical trainings give identical checkpoints."""
 
     card: ModelCard
     model: ModelConfig
-    mlflow_run_id: str | None
     net: nn.Sequential
 
 
-def checkpoint_record(card: ModelCard, model: ModelConfig, mlflow_run_id: str | None) -> dict:
+def checkpoint_record(card: ModelCard, model: ModelConfig) -> dict:
     """What the train stage stores under "imgclf" in its checkpoint; `load_checkpoint` reads it."""
-    return {"card": card.to_json(), "model": model.model_dump(), "mlflow_run_id": mlflow_run_id}
+    return {"card": card.to_json(), "model": model.model_dump()}
 
 
 def load_checkpoint(path: Path, prefix: str = "net.") -> Checkpoint:
@@ -54,4 +54,4 @@ def load_checkpoint(path: Path, prefix: str = "net.") -> Checkpoint:
     net = build_model(config, card)
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(weights)
-    return Checkpoint(card, config, record["mlflow_run_id"], net)
+    return Checkpoint(card, config, net)

@@ -19,6 +19,7 @@ from imgclf.data.watch import dvc_md5
 from imgclf.errors import ImgclfError
 from imgclf.fileio import read_json
 from imgclf.registry.client import TAG, RegistryError
+from imgclf.tracking.local import file_sha256, read_record
 
 HEADLINE = ("accuracy", "macro_f1", "latency_ms_p50_b1", "latency_ms_p99_b1")
 
@@ -38,20 +39,39 @@ class Outputs:
     data: Path
     metrics: Path
     per_class: Path
+    run: Path | None = None  # models/run.json: the run and the commit, if this checkout made the model
+    speed: Path | None = None  # metrics/local/eval.json: the latency measured on this machine
+    parity: Path | None = None  # metrics/local/export.json: the exact parity difference
+
+    def local(self, path: Path | None) -> dict:
+        """A git-ignored record of this checkout's last run (tracking.local) if it describes this
+        very ONNX file; else {} (a model restored by DVC, or made elsewhere)."""
+        return read_record(path, onnx_sha256=file_sha256(self.onnx)) if path else {}
+
+    def lineage(self) -> dict:
+        """models/model.json's lineage (the data), with the run and the commit where known."""
+        return read_json(self.sidecar)["lineage"] | self.local(self.run)
 
     @classmethod
     def of_pipeline(cls, root: Path, check: bool = True) -> "Outputs":
         """The files `dvc repro` evaluated last; NotEvaluated (with `check`) unless dvc.lock says
         these are the files the evaluate stage measured."""
         stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-        words = shlex.split(stages["evaluate"]["cmd"])
-        flag = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+
+        def flags(stage: str) -> dict[str, str]:
+            words = shlex.split(stages[stage]["cmd"])
+            return {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+
+        flag, export = flags("evaluate"), flags("export")
         outputs = cls(
             onnx=root / flag["--onnx"],
             sidecar=root / flag["--sidecar"],
             data=root / flag["--data"],
             metrics=root / flag["--metrics"],
             per_class=root / flag["--plots"] / "per_class.csv",
+            run=root / flag["--run"] if "--run" in flag else None,
+            speed=root / flag["--local"] if "--local" in flag else None,
+            parity=root / export["--local"] if "--local" in export else None,
         )
         if check:
             outputs.check_evaluated(root)
@@ -124,11 +144,14 @@ class Evidence:
         return cls(**fields)
 
     @classmethod
-    def from_outputs(cls, outputs: Outputs) -> "Evidence":
+    def from_outputs(cls, outputs: Outputs, speed: dict) -> "Evidence":
+        """`speed`: the latency on this machine (imgclf.registry.scoring.challenger_evidence)."""
         sidecar = read_json(outputs.sidecar)
-        lineage, export = sidecar["lineage"], sidecar["export"]
+        lineage, export = outputs.lineage(), sidecar["export"]
         card = ModelCard.from_json(sidecar)
-        metrics = read_json(outputs.metrics)
+        metrics = read_json(outputs.metrics) | speed
+        # Without this machine's figure, the bound the export stage enforced.
+        parity = outputs.local(outputs.parity).get("parity_max_abs_diff", export.get("parity_atol"))
         report = read_json(outputs.data / "report.json")
         return cls(
             sha256=file_sha256(outputs.onnx),
@@ -142,7 +165,7 @@ class Evidence:
             input=card.input.to_json(),
             metrics={key: metrics[key] for key in HEADLINE if key in metrics},
             recall=tuple(_recalls(outputs.per_class, card.classes)),
-            parity_max_abs_diff=float(export["parity_max_abs_diff"]),
+            parity_max_abs_diff=float(parity),
             parity_argmax_mismatches=int(export["parity_argmax_mismatches"]),
             run_id=lineage.get("mlflow_run_id", ""),
         )
@@ -160,10 +183,6 @@ def _recalls(per_class_csv: Path, classes: tuple[str, ...]) -> list[float]:
     with per_class_csv.open(newline="", encoding="utf-8") as f:
         rows = {row["class"]: float(row["recall"]) for row in csv.DictReader(f)}
     return [rows[name] for name in classes]
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def input_line(spec: dict) -> str:

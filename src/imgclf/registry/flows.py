@@ -22,7 +22,7 @@ from imgclf.registry.evidence import Evidence, Outputs, file_sha256
 from imgclf.registry.gates import evaluate_gates, passed, settings_hash
 from imgclf.registry.lock import RegistryLock
 from imgclf.registry.report import gate_markdown, gate_table, model_description, version_description
-from imgclf.registry.scoring import champion_evidence
+from imgclf.registry.scoring import challenger_evidence, champion_evidence
 from imgclf.tracking import client as tracking
 
 GATING_ROUNDS = 3  # a promotion without --expect-champion gates again when the champion moved meanwhile
@@ -40,13 +40,14 @@ class GateFailed(ImgclfError):
 def register(config: Config, root: Path) -> tuple[str, bool]:
     """(version, created): the evaluated model as a version, made only if its file is new."""
     outputs = Outputs.of_pipeline(root)
-    evidence = Evidence.from_outputs(outputs)
+    evidence = challenger_evidence(config, outputs)
     registry = Registry(config)
     registry.require_shared_store()
     existing = registry.find(evidence.sha256)
     if existing is not None:
         return str(existing.version), False
-    run_id, model_id = _logged_model(config, evidence.run_id, outputs)  # may upload: before the lock
+    run_id = tracking.model_run(config, evidence.run_id, evidence.sha256)  # restored by DVC: by its hash
+    run_id, model_id = _logged_model(config, run_id, outputs)  # may upload: before the lock
     sidecar = read_json(outputs.sidecar)
     with RegistryLock(registry, "register"):
         existing = registry.find(evidence.sha256)  # registered by another process meanwhile
@@ -90,8 +91,8 @@ def _log_again(config: Config, outputs: Outputs) -> tuple[str, str]:
     import mlflow.onnx
     import onnx
 
-    sidecar = read_json(outputs.sidecar)
-    tags = {key: str(value) for key, value in sidecar["lineage"].items() if key.startswith(("git.", "data."))}
+    lineage = outputs.lineage()
+    tags = {key: str(value) for key, value in lineage.items() if key.startswith(("git.", "data."))}
     tags["imgclf.logged_by"] = "imgclf register"
     new_run = tracking.start_run(config, tags)
     metrics = {f"test_{key}": value for key, value in read_json(outputs.metrics).items()}
@@ -101,7 +102,7 @@ def _log_again(config: Config, outputs: Outputs) -> tuple[str, str]:
         info = mlflow.onnx.log_model(onnx.load(outputs.onnx), name="model", save_as_external_data=False)
         mlflow.log_artifact(str(outputs.sidecar))
     print(
-        f"imgclf: run {sidecar['lineage'].get('mlflow_run_id')} is not in {tracking.tracking_uri(config)}: "
+        f"imgclf: run {lineage.get('mlflow_run_id', '(unknown)')} is not in {tracking.tracking_uri(config)}: "
         f"logged the model in run {new_run}"
     )
     return new_run, info.model_id
@@ -208,7 +209,7 @@ def candidate(registry: Registry, version: str | None, root: Path, dry_run: bool
     if found is not None:
         return Candidate(str(found.version), Evidence.from_tags(found.tags, str(found.version)), found.tags)
     if dry_run:
-        return Candidate(None, Evidence.from_outputs(outputs), {})
+        return Candidate(None, challenger_evidence(registry.config, outputs), {})
     raise RegistryError(
         f"models/model.onnx (sha256 {sha256[:12]}) is not registered in {registry.uri}: "
         "run `imgclf register` first, or pass --version N"

@@ -44,3 +44,26 @@ def score_registered(registry: Registry, version: str, data_dir: Path):
         onnx_file = registry.download_onnx(version, Path(tmp))
         evaluate = registry.config.evaluate
         return score(onnx_file, data_dir, evaluate.latency_runs, evaluate.throughput_batch)
+
+
+def challenger_evidence(config, outputs: Outputs) -> Evidence:
+    """The evaluated models/model.onnx's evidence. Its latency is this machine's, measured by the
+    evaluate stage (metrics/local/eval.json, git-ignored); where the stage did not run here (its
+    outputs came from DVC's cache), the file is timed now on its test split, by the same code."""
+    speed = outputs.local(outputs.speed)
+    if not speed:
+        from imgclf.data.normalized import load_split
+        from imgclf.runtime import inference_session
+        from imgclf.stages.evaluation import SPEED
+        from imgclf.stages.evaluation import speed as measure
+
+        print(f"imgclf: no latency measured on this machine for {outputs.onnx.name}: timing it now")
+        images, _ = load_split(outputs.data, "test")
+        timed = measure(
+            inference_session(outputs.onnx),
+            images,
+            config.evaluate.latency_runs,
+            config.evaluate.throughput_batch,
+        )
+        speed = {key: value for key, value in timed.items() if key.startswith(SPEED)}
+    return Evidence.from_outputs(outputs, speed)

@@ -29,6 +29,9 @@ CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 # `native`: every library picks the best this CPU has (fastest; the same bits only on CPUs of the same ISA).
 CPU_ISA_ENV: dict[str, dict[str, str]] = {
     "native": {},
+    # Any x86-64 CPU with AVX2, Intel or AMD: AVX2 kernels in ATen and oneDNN, and MKL's portable
+    # branch (its AVX2 branch is Intel's alone: elsewhere MKL ignores it and picks its own).
+    "portable": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE"},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
     "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_CBWR": "AVX512"},
     # Any x86-64 CPU, Intel or not: no vector kernels in ATen, SSE4.1 in oneDNN, MKL's portable branch.

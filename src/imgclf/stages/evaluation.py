@@ -15,9 +15,10 @@ import numpy as np
 
 from imgclf.config.pipeline import PipelineConfig
 from imgclf.data.normalized import load_card, load_split
-from imgclf.fileio import atomic_path, read_json, write_json
+from imgclf.fileio import atomic_path, write_json
 from imgclf.runtime import inference_session, predict_probabilities
 from imgclf.tracking import client as tracking
+from imgclf.tracking.local import file_sha256, read_record, write_record
 from imgclf.tracking.plots import draw_confusion
 from imgclf.tracking.worker import Tracker
 
@@ -27,7 +28,7 @@ THROUGHPUT_SECONDS = 0.25  # full batches run at least this long, and at least 5
 
 
 class Scores(NamedTuple):
-    metrics: dict  # metrics/eval.json's headline numbers
+    metrics: dict  # the quality (metrics/eval.json) and the speed (metrics/local/eval.json)
     per_class: list[dict]  # plots/per_class.csv's rows
     labels: np.ndarray
     predicted: np.ndarray
@@ -118,17 +119,22 @@ class EvalPaths:
 
     params: Path
     onnx: Path
-    sidecar: Path  # models/model.json: the run to log to
+    sidecar: Path  # models/model.json
     data: Path  # data/normalized: the test split
-    metrics: Path  # metrics/eval.json
+    metrics: Path  # metrics/eval.json: the quality the same model always has (git-tracked)
     plots: Path  # per-class scores and the confusion matrix
+    run: Path | None = None  # models/run.json: the MLflow run to log to (git-ignored)
+    local: Path | None = None  # metrics/local/eval.json: this machine's speed (git-ignored)
 
 
 def evaluate(config: PipelineConfig, paths: EvalPaths, tracker: Tracker) -> dict:
-    """Write metrics/eval.json (headline numbers), per-class scores and the confusion matrix; log
-    them to the pipeline's MLflow run (nothing, if outputs restored by DVC name a run the store
-    no longer has)."""
-    tracker.follow(tracking.existing_run, read_json(paths.sidecar)["lineage"]["mlflow_run_id"])
+    """Write metrics/eval.json (the quality: accuracy, macro F1), per-class scores and the
+    confusion matrix, and this machine's speed beside them (git-ignored); log them all to the
+    pipeline's MLflow run: the one models/run.json names for this very ONNX file, else the run
+    that logged a file with its SHA-256 (outputs restored by DVC), else none."""
+    onnx_sha256 = file_sha256(paths.onnx)
+    made_by = read_record(paths.run, onnx_sha256=onnx_sha256) if paths.run else {}
+    tracker.follow(tracking.model_run, made_by.get("mlflow_run_id"), onnx_sha256)
     with tracker.run_status():
         # Speed is timed once the tracking worker is idle: the timings share the CPU with nothing.
         scores = score(
@@ -138,10 +144,12 @@ def evaluate(config: PipelineConfig, paths: EvalPaths, tracker: Tracker) -> dict
             config.evaluate.throughput_batch,
             before_speed=lambda scores: _write_quality(tracker, scores, paths.plots),
         )
-        write_json(paths.metrics, scores.metrics)
-        tracker.log(
-            tracking.log_metrics, {f"test_{k}": v for k, v in scores.metrics.items() if k.startswith(SPEED)}
-        )
+        quality = {k: v for k, v in scores.metrics.items() if not k.startswith(SPEED)}
+        timings = {k: v for k, v in scores.metrics.items() if k.startswith(SPEED)}
+        write_json(paths.metrics, quality)
+        if paths.local:
+            write_record(paths.local, {**timings, "onnx_sha256": onnx_sha256})
+        tracker.log(tracking.log_metrics, {f"test_{k}": v for k, v in timings.items()})
         tracker.log(tracking.log_artifacts, [paths.metrics])
     return scores.metrics
 
@@ -175,7 +183,7 @@ def _write_quality(tracker: Tracker, scores: Scores, plots_dir: Path) -> None:
     write_confusion(scores.labels, scores.predicted, classes, confusion_csv)
     matrix = confusion_matrix(scores.labels, scores.predicted, len(classes))
     tracker.submit(draw_confusion, matrix.tolist(), classes, confusion_png)
-    flat = {f"test_{k}": v for k, v in scores.metrics.items()}
+    flat = {f"test_{k}": v for k, v in scores.metrics.items()}  # the quality: speed comes later
     # Class names are the user's folder names; MLflow keys allow fewer characters: the index
     # keeps two names that differ only there apart, and per_class.csv keeps the names as they are.
     flat |= {

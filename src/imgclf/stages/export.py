@@ -14,6 +14,7 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -28,8 +29,10 @@ from imgclf.fileio import atomic_path, write_json
 from imgclf.models import Checkpoint, load_checkpoint
 from imgclf.runtime import inference_session
 from imgclf.tracking import client as tracking
+from imgclf.tracking.local import file_sha256, read_record, write_record
 from imgclf.tracking.worker import Tracker
 
+DATA = "data."  # the lineage tags of the data (its name, hashes): the same for the same data
 CARD_METADATA = "imgclf.card"  # the ONNX metadata key that holds ModelCard.to_json()
 OPSET = 17  # pinned: a new exporter default must not silently change the served graph
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
@@ -130,20 +133,48 @@ class ExportPaths:
     data: Path  # data/normalized: the test split checks parity
     raw: Path  # data/raw/<name>: hashed into the lineage of a run made afresh
     onnx: Path
-    sidecar: Path  # models/model.json
+    sidecar: Path  # models/model.json: what the same checkpoint always gives (DVC-tracked)
+    run: Path | None = None  # models/run.json: the MLflow run and the commit (git-ignored)
+    local: Path | None = None  # metrics/local/export.json: this machine's parity figure (git-ignored)
 
 
-def export(config: PipelineConfig, paths: ExportPaths, tracker: Tracker) -> dict:
+class Exported(NamedTuple):
+    sidecar: dict  # models/model.json
+    parity: dict  # the parity check's figures on this machine
+
+
+def export(config: PipelineConfig, paths: ExportPaths, tracker: Tracker) -> Exported:
     """Write models/model.onnx and models/model.json, or fail without touching them; log the
-    model to the train stage's MLflow run (a fresh run if the store lost it)."""
+    model to the train stage's MLflow run (a fresh run if the store lost it, or the checkpoint is
+    not the one that run made)."""
     trained = load_checkpoint(paths.checkpoint)
+    checkpoint_sha256 = file_sha256(paths.checkpoint)
+    made_by = read_record(paths.run, checkpoint_sha256=checkpoint_sha256) if paths.run else {}
     # Answered by the time it is read: {"run_id", "lineage"}.
-    run = tracker.follow(tracking.adopt_run, tracker.params, trained.mlflow_run_id, paths.data, paths.raw)
+    run = tracker.follow(
+        tracking.adopt_run, tracker.params, made_by.get("mlflow_run_id"), paths.data, paths.raw
+    )
     with tracker.run_status():
-        return _export(config, paths, tracker, trained, run)
+        exported = _export(config, paths, tracker, trained, run)
+    if paths.run:
+        answer = run.result()
+        onnx_sha256 = exported.sidecar["lineage"]["onnx_sha256"]
+        write_record(
+            paths.run,
+            {
+                "mlflow_run_id": answer["run_id"],
+                "tracking_uri": tracking.tracking_uri(config),
+                "checkpoint_sha256": checkpoint_sha256,
+                "onnx_sha256": onnx_sha256,
+                **{key: value for key, value in answer["lineage"].items() if not key.startswith(DATA)},
+            },
+        )
+        if paths.local:
+            write_record(paths.local, {**exported.parity, "onnx_sha256": onnx_sha256})
+    return exported
 
 
-def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, run: Future) -> dict:
+def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, run: Future) -> Exported:
     model, card = Probabilities(trained.net).eval(), trained.card
     test_images, _ = load_split(paths.data, "test")
     proto = to_onnx(model, torch.from_numpy(np.ascontiguousarray(test_images[:EXAMPLE_BATCH])), card)
@@ -156,8 +187,7 @@ def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, r
             f"{parity['parity_argmax_mismatches']} argmax mismatches"
         )
     model_bytes = proto.SerializeToString()
-    answer = run.result()
-    run_id, lineage = answer["run_id"], answer["lineage"]
+    lineage = run.result()["lineage"]
     sidecar = {
         "name": config.registry.model_name,
         **card.to_json(),
@@ -167,13 +197,15 @@ def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, r
             "opset": OPSET,
             "exporter": "torch.onnx (torchscript)",
             "torch": torch.__version__,
-            **parity,
+            # The exact difference depends on the CPU's kernels: metrics/local/export.json has it.
+            "parity_atol": PARITY_ATOL,
+            "parity_argmax_mismatches": parity["parity_argmax_mismatches"],
+            "parity_n": parity["parity_n"],
         },
+        # What the same checkpoint and data always give; the run and the commit: models/run.json.
         "lineage": {
-            "mlflow_run_id": run_id,
-            "tracking_uri": tracking.tracking_uri(config),
             "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(),
-            **lineage,
+            **{key: value for key, value in lineage.items() if key.startswith(DATA)},
         },
     }
     with atomic_path(paths.onnx) as tmp:
@@ -182,4 +214,4 @@ def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, r
     tracker.log(
         tracking.log_onnx_model, paths.onnx, test_images[:EXAMPLE_BATCH].tolist(), parity, paths.sidecar
     )
-    return sidecar
+    return Exported(sidecar, parity)

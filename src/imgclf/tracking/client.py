@@ -23,6 +23,7 @@ from imgclf.tracking.store import ARTIFACTS_DIR, prepare_store, resolve_tracking
 NOT_CODE = ("dvc.lock", "params.yaml", "metrics", "plots")
 # The MLflow UI opens an experiment of this kind on its runs table (not the GenAI overview).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+ONNX_SHA256_TAG = "imgclf.onnx_sha256"  # on the run that logged the model
 
 
 def tracking_uri(config: PipelineConfig) -> str:
@@ -210,6 +211,20 @@ def log_dataset(config: PipelineConfig, run_id: str, tags: dict[str, str], repor
     client(config).log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])])
 
 
+def model_run(config: PipelineConfig, run_id: str | None, onnx_sha256: str) -> str | None:
+    """The run of an ONNX file: `run_id` if the store still has it, else the newest active run that
+    logged a file with this SHA-256 (identical trainings make identical files), else None."""
+    if run_id and existing_run(config, run_id):
+        return run_id
+    runs = client(config).search_runs(
+        [experiment_id(config)],
+        filter_string=f"tags.`{ONNX_SHA256_TAG}` = '{onnx_sha256}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def existing_run(config: PipelineConfig, run_id: str) -> str | None:
     """`run_id` if the store still has it, not deleted (a restored DVC cache may point at a run
     that is gone, or one deleted in the MLflow UI)."""
@@ -302,3 +317,5 @@ def log_onnx_model(
         )
         mlflow.log_metrics(parity)
         mlflow.log_artifact(str(sidecar_path))
+        # How a model restored by DVC, with no models/run.json of its own, finds its run again.
+        mlflow.set_tag(ONNX_SHA256_TAG, hashlib.sha256(onnx_path.read_bytes()).hexdigest())

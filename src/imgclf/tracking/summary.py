@@ -7,24 +7,37 @@ from pathlib import Path
 
 from imgclf.errors import ImgclfError, run_or_exit
 from imgclf.fileio import read_json
+from imgclf.tracking.local import file_sha256, read_record
 
 
 def summary(root: Path = Path()) -> str:
+    onnx = root / "models/model.onnx"
     try:
         metrics = read_json(root / "metrics/eval.json")
         card = read_json(root / "models/model.json")
+        sha256 = file_sha256(onnx)
     except FileNotFoundError as missing:
         raise ImgclfError(f"{missing.filename} is missing: run `dvc repro` first") from None
-    lineage = card["lineage"]
+    # This machine's numbers and the run, where this checkout made this very file (tracking.local).
+    speed = read_record(root / "metrics/local/eval.json", onnx_sha256=sha256)
+    run = read_record(root / "models/run.json", onnx_sha256=sha256)
+    timed = read_record(root / "metrics/local/train.json", checkpoint_sha256=run.get("checkpoint_sha256"))
+    latency = (
+        f"p50 {speed['latency_ms_p50_b1']} ms, p99 {speed['latency_ms_p99_b1']} ms"
+        if speed
+        else "not measured here (outputs from DVC's cache): `dvc repro -f evaluate`"
+    )
+    fit = f"{timed['train_seconds']} s, {timed['train_images_per_s']:,.0f} images/s" if timed else None
     return "\n".join(
         [
             "",
-            f"imgclf: {card['name']} ({card['model']['name']}) on {lineage['data.name']}",
+            f"imgclf: {card['name']} ({card['model']['name']}) on {card['lineage']['data.name']}",
             f"  test accuracy   {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}"
             f"   ({metrics['n_test']} test images, ONNX Runtime)",
-            f"  latency (b=1)   p50 {metrics['latency_ms_p50_b1']} ms, p99 {metrics['latency_ms_p99_b1']} ms",
-            f"  ONNX model      {(root / 'models/model.onnx').resolve()}",
-            f"  MLflow run      {run_line(lineage['mlflow_run_id'], lineage['tracking_uri'])}",
+            f"  latency (b=1)   {latency}   (metrics/local/: this machine's timings, not in git)",
+            *([f"  training        {fit}"] if fit else []),
+            f"  ONNX model      {onnx.resolve()}",
+            f"  MLflow run      {run_line(run.get('mlflow_run_id'), run.get('tracking_uri'))}",
             "  browse runs     make ui   ->  http://127.0.0.1:5000",
             "  metrics, plots  dvc metrics show; dvc plots show",
             "  serve it        make serve  ->  http://127.0.0.1:8000",
@@ -77,8 +90,10 @@ def main() -> None:
     append_step_summary(text)
 
 
-def run_line(run_id: str, uri: str) -> str:
+def run_line(run_id: str | None, uri: str | None) -> str:
     """The run, or why there is none: outputs restored from DVC's run cache outlive their store."""
+    if not (run_id and uri):
+        return "unknown (these outputs came from DVC's cache): `dvc repro --force` runs and logs it again"
     if run_exists(run_id, uri):
         return f"{run_id}  ({uri})"
     return (

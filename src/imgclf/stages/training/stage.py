@@ -1,13 +1,14 @@
 """The train stage: fit the configured model; write the best checkpoint, metrics and curves."""
 
+import io
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from imgclf.config.pipeline import PipelineConfig
@@ -20,6 +21,7 @@ from imgclf.stages.training.launch import check_launch, processes_per_node
 from imgclf.stages.training.module import ImageClassifier
 from imgclf.stages.training.trainer import fit, make_trainer, quiet_lightning
 from imgclf.tracking import client as tracking
+from imgclf.tracking.local import file_sha256, write_record
 from imgclf.tracking.plots import draw_curves
 from imgclf.tracking.worker import Tracker
 
@@ -35,9 +37,11 @@ class TrainPaths:
     data: Path  # data/normalized
     raw: Path  # data/raw/<name>: hashed into the run's lineage
     checkpoint: Path
-    metrics: Path
+    metrics: Path  # metrics/train.json: the numbers the same run always gives (git-tracked)
     curves: Path
     curves_png: Path | None = None
+    run: Path | None = None  # models/run.json: the MLflow run of this checkout's model (git-ignored)
+    local: Path | None = None  # metrics/local/train.json: this machine's timings (git-ignored)
 
 
 def train(config: PipelineConfig, paths: TrainPaths, tracker: Tracker) -> dict[str, float]:
@@ -75,15 +79,20 @@ def train(config: PipelineConfig, paths: TrainPaths, tracker: Tracker) -> dict[s
         ).result()
         # FINISHED when training is done; export continues the run, evaluate adds to it.
         with tracker.run_status():
-            module = ImageClassifier(net, config.train, checkpoint_record(card, config.model, run_id))
+            module = ImageClassifier(net, config.train, checkpoint_record(card, config.model))
             seconds = fit(trainer, module, datamodule)
-            with atomic_path(paths.checkpoint) as tmp:
-                shutil.copyfile(best.best_model_path, tmp)
+            save_checkpoint(Path(best.best_model_path), paths.checkpoint)
             n_train = len(datamodule.splits["train"][1])
-            metrics = summarize(curves.rows, seconds, to_mlflow.seconds, n_train, trainer.world_size)
+            metrics = summarize(curves.rows, trainer.world_size)
+            timings = time_fit(curves.rows, seconds, to_mlflow.seconds, n_train)
             write_json(paths.metrics, metrics)
             write_curves(curves.rows, paths.curves)
-            tracker.log(tracking.log_metrics, {BEST.get(k, k): v for k, v in metrics.items()})
+            if paths.run:
+                ckpt = {"checkpoint_sha256": file_sha256(paths.checkpoint)}
+                write_record(paths.run, {"mlflow_run_id": run_id, **ckpt})
+                if paths.local:
+                    write_record(paths.local, {**timings, **ckpt})
+            tracker.log(tracking.log_metrics, {BEST.get(k, k): v for k, v in (metrics | timings).items()})
             tracker.log(tracking.log_artifacts, [paths.params, paths.metrics, paths.curves])
             if paths.curves_png:
                 tracker.submit(draw_curves, curves.rows, paths.curves_png)
@@ -91,10 +100,9 @@ def train(config: PipelineConfig, paths: TrainPaths, tracker: Tracker) -> dict[s
     return metrics
 
 
-def summarize(
-    rows: list[dict[str, float]], seconds: float, tracking_seconds: float, n_train: int, processes: int
-) -> dict:
-    """metrics/train.json: the best epoch's numbers (lowest val_loss), and what the fit cost."""
+def summarize(rows: list[dict[str, float]], processes: int) -> dict:
+    """metrics/train.json: the best epoch's numbers (lowest val_loss); what the same code, data and
+    config always give, so that a clean clone's `make run` rewrites it byte for byte."""
     best = min(rows, key=lambda row: row.get("val_loss", float("inf")))
     return {
         "train_loss": best["train_loss"],
@@ -103,8 +111,27 @@ def summarize(
         "val_acc": best["val_acc"],
         "best_epoch": best["epoch"],
         "epochs": len(rows),
+        "processes": processes,  # DDP's world size: train.batch_size images each per step
+    }
+
+
+def time_fit(rows: list[dict[str, float]], seconds: float, tracking_seconds: float, n_train: int) -> dict:
+    """What the fit cost on this machine (metrics/local/train.json and MLflow, never git)."""
+    return {
         "train_seconds": round(seconds, 3),
         "tracking_seconds": round(tracking_seconds, 3),
         "train_images_per_s": round(len(rows) * n_train / seconds, 1),  # all processes together
-        "processes": processes,  # DDP's world size: train.batch_size images each per step
     }
+
+
+def save_checkpoint(best: Path, target: Path) -> None:
+    """The best epoch's checkpoint, without what differs between identical trainings: the
+    callbacks' state names the temporary folder the Trainer wrote in."""
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    checkpoint.pop("callbacks", None)
+    # Into memory first: torch.save names the archive's folder after the file it writes, and the
+    # file here would be a temporary one with a random name.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(buffer.getvalue())
