@@ -91,7 +91,7 @@ SUPERVISE = python -m imgclf.supervisor --
 UI_PORT ?= 5000
 ui: install
 	@python -m imgclf.tracking.summary --ui http://127.0.0.1:$(UI_PORT)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(SUPERVISE) mlflow ui \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(SUPERVISE) mlflow ui --workers 1 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # The pipeline's model: HTTP API and web page on http://127.0.0.1:8000/ (SERVE_PORT; IMGCLF_TOKEN=...
