@@ -15,7 +15,7 @@ def main() -> None:
     from imgclf.data.download import download
 
     config = load_pipeline(paths.params)
-    download(config.data, paths.raw)
+    download(config.data, paths.raw, root=paths.params.parent)
     watch.record(paths.raw, current)
     print(f"download: {config.data.name} -> {paths.raw}")
 

@@ -11,8 +11,10 @@ def main() -> None:
     config = load_pipeline(paths.params)
     report = normalize(config.data, config.seed, paths.raw, paths.out)
     bad = f", {len(report['bad_files'])} bad files skipped (see report.json)" if report["bad_files"] else ""
+    extra = sum(n for per_class in report.get("extra_train", {}).values() for n in per_class.values())
+    added = f" (train: {extra} from data.extra_train)" if config.data.extra_train else ""
     print(
-        f"normalize: {report['n_images']} images, cross-split duplicates "
+        f"normalize: {report['n_images']} images{added}, cross-split duplicates "
         f"{report['duplicates_across_splits']}{bad}"
     )
 

@@ -91,6 +91,17 @@ def bad_image_with_fail(tmp_path, mirror):
     run_stages(imagefolder(tmp_path, path=str(pets), on_bad_image="fail"), tmp_path)
 
 
+def missing_extra_folder(tmp_path, mirror):
+    config = validate(compose([f"data.extra_train=[{tmp_path / 'labelled'}]"], REPO / "conf"))
+    run_stages(config.data, tmp_path)
+
+
+def extra_folder_of_unknown_class(tmp_path, mirror):
+    image_folder(tmp_path / "labelled", {"3": 1, "cat": 1})
+    config = validate(compose([f"data.extra_train=[{tmp_path / 'labelled'}]"], REPO / "conf"))
+    run_stages(config.data, tmp_path)
+
+
 @pytest.mark.parametrize(
     ("cause", "code", "named"),
     [
@@ -105,6 +116,8 @@ def bad_image_with_fail(tmp_path, mirror):
         (too_few_to_split, 1, "cannot split 2 images"),
         (too_few_in_a_class, 1, "data.min_class_count=5"),
         (bad_image_with_fail, 1, "data.on_bad_image=fail"),
+        (missing_extra_folder, 2, "labelled': no such folder"),
+        (extra_folder_of_unknown_class, 2, "['cat'] are not classes of data 'digits'"),
     ],
     ids=lambda value: value.__name__ if callable(value) else None,
 )

@@ -35,6 +35,9 @@ class DataConfig(Section):
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)]
     test_fraction: Annotated[float, Field(gt=0, lt=0.5)]
     min_class_count: PositiveInt  # fewer images in any class of any split fails normalize
+    # labelled folders (FOLDER/<class>/<image>) whose images join the training split only;
+    # relative to the repository root (imgclf.data.extra_train)
+    extra_train: list[Annotated[str, Field(min_length=1)]]
 
 
 class PublishedData(DataConfig):

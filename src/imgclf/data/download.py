@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from imgclf.config.pipeline import DataConfig
+from imgclf.data.extra_train import copy_extra_train, extra_folders
 from imgclf.data.fetch import sha256_of
 from imgclf.data.sources import get_source
 from imgclf.fileio import atomic_dir
@@ -22,10 +23,13 @@ def write_manifest(folder: Path) -> dict[str, str]:
     return hashes
 
 
-def download(config: DataConfig, target: Path) -> Path:
-    """Fetch `config.name` into `target`, replacing it only once complete and hashed."""
+def download(config: DataConfig, target: Path, root: Path = Path()) -> Path:
+    """Fetch `config.name`, and copy the `data.extra_train` folders (relative ones under `root`,
+    the repository root), into `target`, replacing it only once complete and hashed."""
     source = get_source(config.name)
+    extra = extra_folders(config, root)  # a missing folder fails before a long download
     with atomic_dir(target) as tmp:
         source.fetch(config, tmp)
+        copy_extra_train(config, extra, tmp)
         write_manifest(tmp)
     return target

@@ -6,6 +6,9 @@ Images stream through in chunks: each split is gathered, hashed, measured and wr
 preallocated .npy a chunk at a time, so memory stays flat however large the data set. A published
 source's `read` gives arrays in memory; an image folder is decoded into a file first
 (imgclf.data.sources.imagefolder.decode_folder, the source's reader) and read back through a memmap.
+
+Images from `data.extra_train` folders (imgclf.data.extra_train) are appended to the training
+split after the split is drawn: the validation and test splits do not depend on them.
 """
 
 import hashlib
@@ -19,6 +22,7 @@ import numpy as np
 
 from imgclf.card import InputSpec, ModelCard, Normalization
 from imgclf.config.pipeline import DataConfig
+from imgclf.data.extra_train import ExtraTrain, read_extra_train
 from imgclf.data.normalized import CARD, REPORT, SPLITS
 from imgclf.data.sources import RawDataset, get_source, source_summary
 from imgclf.errors import ImgclfError
@@ -34,26 +38,33 @@ def normalize(config: DataConfig, seed: int, raw_dir: Path, out_dir: Path) -> di
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.scratch.", dir=out_dir.parent) as scratch:
         raw, source, bad_files = load_source(config, raw_dir, Path(scratch))
         indices = split_indices(raw, config, seed)
+        extra = read_extra_train(config, raw, raw_dir, Path(scratch))
         class_counts = {split: count_classes(raw, idx) for split, idx in indices.items()}
+        class_counts["train"] = add_counts(class_counts["train"], extra.counts.values())
         check_class_counts(class_counts, config.min_class_count)
         with atomic_dir(out_dir) as tmp:
             stats = ChannelStats()
             written = {
-                split: write_split(raw, idx, tmp / split, stats if split == "train" else None)
+                split: write_split(raw, idx, tmp / split, stats, extra)
+                if split == "train"
+                else write_split(raw, idx, tmp / split)
                 for split, idx in indices.items()
             }
             pairs = combinations(SPLITS, 2)
             leaks = {f"{a}-{b}": len(written[a].hashes & written[b].hashes) for a, b in pairs}
             report = {
-                "n_images": {split: len(idx) for split, idx in indices.items()},
+                "n_images": {split: len(idx) for split, idx in indices.items()}
+                | {"train": len(indices["train"]) + len(extra.labels)},
                 "class_counts": class_counts,
                 "shape": list(raw.images.shape[1:]),
                 "value_range": {split: [w.low, w.high] for split, w in written.items()},
                 "duplicates_across_splits": leaks,
                 "min_class_count": config.min_class_count,
                 "source": source,
-                "bad_files": bad_files,
+                "bad_files": bad_files + list(extra.bad_files),
             }
+            if config.extra_train:  # absent without: the same data, the same report, no retraining
+                report["extra_train"] = extra.counts  # {folder as written: {class: images added}}
             card = ModelCard(
                 tuple(raw.classes),
                 InputSpec.for_shape(raw.images.shape[1:], raw.resize),
@@ -112,6 +123,15 @@ def stratified_split(
         [rng.permutation(indices[labels[indices] == c])[:k] for c, k in zip(classes, taken, strict=True)]
     )
     return np.setdiff1d(indices, part), part
+
+
+def add_counts(counts: dict[str, int], more) -> dict[str, int]:
+    """`counts` plus each {class: n} of `more`."""
+    total = dict(counts)
+    for per_class in more:
+        for name, n in per_class.items():
+            total[name] += n
+    return total
 
 
 def count_classes(raw: RawDataset, idx: np.ndarray) -> dict[str, int]:
@@ -175,25 +195,38 @@ class WrittenSplit:
         self.low, self.high = min(self.low, int(images.min())), max(self.high, int(images.max()))
 
 
-def write_split(raw: RawDataset, idx: np.ndarray, folder: Path, stats: ChannelStats | None) -> WrittenSplit:
-    """raw's images and labels at `idx` into folder/images.npy and labels.npy, a chunk at a time."""
+def write_split(
+    raw: RawDataset,
+    idx: np.ndarray,
+    folder: Path,
+    stats: ChannelStats | None = None,
+    extra: ExtraTrain | None = None,
+) -> WrittenSplit:
+    """raw's images and labels at `idx`, then `extra`'s, into folder/images.npy and labels.npy, a
+    chunk at a time; `stats` sees every image written."""
     folder.mkdir()
     path = folder / "images.npy"
+    parts = [(raw.images, idx)]
+    labels = raw.labels[idx].astype(np.int64)
+    if extra is not None and len(extra.labels):
+        parts.append((extra.images, np.arange(len(extra.labels))))
+        labels = np.concatenate([labels, extra.labels])
     # open_memmap writes the .npy header and sizes the file; rows then go in by plain writes, as
     # pages written through a mapping stay in this process's RSS until it is unmapped.
-    shape = (len(idx), *raw.images.shape[1:])
+    shape = (len(labels), *raw.images.shape[1:])
     header = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
     offset = header.offset
     del header
     written = WrittenSplit()
     with path.open("r+b") as f:
         f.seek(offset)
-        for rows in gather(raw.images, idx):
-            f.write(rows.data)
-            written.update(rows)
-            if stats is not None:
-                stats.update(rows)
-    save_array(folder / "labels.npy", raw.labels[idx].astype(np.int64))
+        for images, rows_idx in parts:
+            for rows in gather(images, rows_idx):
+                f.write(rows.data)
+                written.update(rows)
+                if stats is not None:
+                    stats.update(rows)
+    save_array(folder / "labels.npy", labels)
     return written
 
 

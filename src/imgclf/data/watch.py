@@ -1,11 +1,11 @@
 """Whether the data a download would fetch has changed since the last one: the download stage's
 fast way out.
 
-DVC cannot watch `data.path`, a folder outside the repository, so the download stage runs on
-every `dvc repro` (`always_changed`) and keeps its output (`persist`). It then compares a
-fingerprint of what it would fetch (the `data` params, the stage's code deps in dvc.yaml and, for
-a local folder or file:// archive, each file's path, size and modification time), and of its
-output as it is (names and sizes),
+DVC cannot watch `data.path` or the `data.extra_train` folders, outside the repository, so the
+download stage runs on every `dvc repro` (`always_changed`) and keeps its output (`persist`). It
+then compares a fingerprint of what it would fetch (the `data` params, the stage's code deps in
+dvc.yaml and, for a `data.path` folder, each `data.extra_train` folder or a file:// archive, each
+file's path, size and modification time), and of its output as it is (names and sizes),
 with the ones recorded at the last download, and stops at once when they agree: a no-op repro
 stays fast, and a changed folder is picked up. An archive URL without `data.sha256` is always
 fetched again: it may change behind the same URL.
@@ -39,7 +39,7 @@ def fingerprint(params_file: Path, stage: str = "download") -> str:
         return NEVER  # run outside a DVC project: no record of the code to compare
     for path in code_deps(root, stage):
         digest.update(path.read_bytes())
-    url, path = data.get("url"), data.get("path")
+    url, path, extra = data.get("url"), data.get("path"), data.get("extra_train") or []
     if isinstance(url, str):
         if not data.get("sha256"):
             return NEVER  # an unpinned archive may change behind the same URL
@@ -48,12 +48,15 @@ def fingerprint(params_file: Path, stage: str = "download") -> str:
             if not local.is_file():
                 return NEVER
             digest.update(stat_line(local, local.parent))
-    if isinstance(path, str):
-        root = Path(path).expanduser()
-        if not root.is_dir():
+    folders = [Path(path).expanduser()] if isinstance(path, str) else []
+    # Relative to the repository root, as imgclf.data.extra_train.resolve reads them.
+    folders += [root / Path(folder).expanduser() for folder in extra if isinstance(folder, str)]
+    for folder in folders:
+        if not folder.is_dir():
             return NEVER  # the download reports the missing folder
-        for file in walk_files(root):
-            digest.update(stat_line(file, root))
+        digest.update(f"{folder}\n".encode("utf-8", "surrogateescape"))
+        for file in walk_files(folder):
+            digest.update(stat_line(file, folder))
     return digest.hexdigest()
 
 
@@ -114,7 +117,8 @@ def is_current(raw_dir: Path, current: str) -> bool:
 
 def made_as_locked(raw_dir: Path) -> bool:
     """Whether dvc.lock names `raw_dir`, as it is now, the output of a stage whose params and code
-    deps are as they are now. Never for a `data.path` folder: it is on one machine only."""
+    deps are as they are now. Never for a `data.path` or `data.extra_train` folder: it is on one
+    machine only."""
     out = raw_dir.resolve()
     root = next((folder for folder in out.parents if (folder / "dvc.yaml").is_file()), None)
     if root is None or not (root / "dvc.lock").is_file():
@@ -126,7 +130,8 @@ def made_as_locked(raw_dir: Path) -> bool:
         return False
     for params_file, keys in (stage.get("params") or {}).items():
         now = yaml.safe_load((root / params_file).read_text(encoding="utf-8")) or {}
-        if isinstance((now.get("data") or {}).get("path"), str):
+        data = now.get("data") or {}
+        if isinstance(data.get("path"), str) or data.get("extra_train"):
             return False
         if any(lookup(now, key) != value for key, value in keys.items()):
             return False
