@@ -73,14 +73,15 @@ browser-deps:
 
 # PostgreSQL (Debian's, version 15) for the shared tracking server and Optuna studies: the tests
 # start private clusters of it on free ports (tests/support/servers.py postgres_server). Installed once.
+# Debian's prometheus gives promtool and a real Prometheus for the alerting rules' tests.
 server-deps:
-	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
+	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && command -v promtool >/dev/null; then :; \
 	elif command -v apt-get >/dev/null; then \
 		SUDO=$$(test "$$(id -u)" -eq 0 || echo "sudo -n"); \
 		{ $$SUDO apt-get update -qq && \
-		  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 >/dev/null; } || \
-		echo "server-deps: could not install postgresql-15 (root or sudo needed); the PostgreSQL tests will skip"; \
-	else echo "server-deps: install PostgreSQL 15 for the scale-out tests"; fi
+		  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 prometheus >/dev/null; } || \
+		echo "server-deps: could not install postgresql-15 and prometheus (root or sudo needed); their tests will skip"; \
+	else echo "server-deps: install PostgreSQL 15 and Prometheus for the scale-out and alerting tests"; fi
 
 # The servers (ui, serve, server, team-server) run under imgclf.supervisor: stopping one, by Ctrl-C
 # or by a kill of the process that listens on its port, stops every process it started.

@@ -151,15 +151,20 @@ def digits_network(digits_splits) -> tuple:
     return train_digits_network(digits_splits)
 
 
-def export_model(digits_network: tuple, folder: Path, resize: str) -> Path:
-    """model.onnx and its sidecar model.json, as the export stage lays them out in models/."""
+def export_model(digits_network: tuple, folder: Path, resize: str, reference_images=None) -> Path:
+    """model.onnx and its sidecar model.json, as the export stage lays them out in models/; with
+    reference_images, the drift reference the export stage computes on them (imgclf.reference)."""
     from dataclasses import replace
 
-    from imgclf.stages.export import to_onnx
+    from imgclf.drift.reference import METADATA_KEY
+    from imgclf.stages.export import drift_reference, to_onnx
 
     model, example, card = digits_network
     card = replace(card, input=replace(card.input, resize=resize))
     proto = to_onnx(model, example, card)
+    if reference_images is not None:
+        reference = drift_reference(proto, reference_images)
+        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(reference.to_json()))
     (folder / "model.onnx").write_bytes(proto.SerializeToString())
     sidecar = {
         "name": "digits-test",
@@ -180,6 +185,15 @@ def model_path(digits_network, tmp_path_factory) -> Path:
 def crop_model_path(digits_network, tmp_path_factory) -> Path:
     """The same network, exported to centre-crop an image to its 8x8 input."""
     return export_model(digits_network, tmp_path_factory.mktemp("crop-models"), "crop")
+
+
+@pytest.fixture(scope="session")
+def monitored_model_path(digits_network, digits_dirs, tmp_path_factory) -> Path:
+    """The same network with the drift reference the export stage computes on the val split."""
+    from imgclf.data.normalized import load_split
+
+    val_images, _ = load_split(digits_dirs[1], "val")
+    return export_model(digits_network, tmp_path_factory.mktemp("monitored-models"), "stretch", val_images)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ contracts in pyproject.toml, checked by `make lint`):
 - tracking/: MLflow runs, the worker process that makes a stage's MLflow calls, plots, the summary.
 - serving/: the inference path (`imgclf predict`, `imgclf serve`): no torch, lightning or mlflow.
 - data/, models/: data sets and networks; they know nothing of tracking, registry or stages.
+- drift/: the drift reference (computed by export) and the windowed tests `imgclf serve` and
+  `imgclf drift` run: numpy only, on the inference path.
 - config/: conf/ composed into params.yaml, and its schema.
 - The inference-safe base, at the top: card.py (what a model expects and answers), images.py
   (decoding uploads and files), runtime.py (ONNX Runtime sessions), errors.py, fileio.py

@@ -122,6 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     refresh = server.DEFAULT_REFRESH_S if args.refresh is None else args.refresh
     if not 0 <= refresh < float("inf"):
         raise ConfigError(f"--refresh {args.refresh}: expected seconds, a number >= 0 (0: never)")
+    window = server.DEFAULT_MONITOR_WINDOW if args.monitor_window is None else args.monitor_window
     options = server.ServeOptions(
         host=args.host,
         port=args.port,
@@ -131,8 +132,37 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_pixels=round(args.max_megapixels * 1e6),
         access_log=args.access_log,
         refresh=refresh,
+        monitor_window=window,
+        **capture_options(args),
     )
     server.serve(args.model, options)
+
+
+def cmd_drift(args: argparse.Namespace) -> None:
+    from imgclf.serving import replay
+
+    sys.exit(replay.run(args.model, args.paths, args.window, args.plot))
+
+
+def capture_options(args: argparse.Namespace) -> dict:
+    """The ServeOptions of --capture*: one-line errors for values out of range."""
+    from imgclf.serving.capture import DEFAULT_BELOW, DEFAULT_MAX_MB
+
+    below = DEFAULT_BELOW if args.capture_below is None else args.capture_below
+    if not 0 <= below <= 1:
+        raise ConfigError(f"--capture-below {args.capture_below}: expected a probability, 0 to 1")
+    if not 0 <= args.capture_sample <= 1:
+        raise ConfigError(f"--capture-sample {args.capture_sample}: expected a fraction, 0 to 1")
+    max_mb = DEFAULT_MAX_MB if args.capture_max_mb is None else args.capture_max_mb
+    tuned = (args.capture_below, args.capture_max_mb, args.capture_sample or None)
+    if args.capture is None and any(value is not None for value in tuned):
+        raise ConfigError("--capture-below, --capture-sample and --capture-max-mb need --capture DIR")
+    return {
+        "capture_dir": args.capture,
+        "capture_below": below,
+        "capture_sample": args.capture_sample,
+        "capture_max_bytes": int(max_mb * 1024 * 1024),
+    }
 
 
 def registry_config(overrides: list[str]):
@@ -278,6 +308,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -362,7 +399,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="for MODEL models:/<name>@<alias>: re-resolve the alias every SECONDS and swap to its new "
         "version without a restart (default 30; 0: never); ignored for a file or models:/<name>/<version>",
     )
+    serve.add_argument(
+        "--monitor-window",
+        type=non_negative_int,
+        metavar="N",
+        help="drift monitor: test every N images against the model's reference (GET /v1/monitor, "
+        "/metrics; default 200; 0: off)",
+    )
+    # No defaults here: they are serving.capture's, which this module must not import at start.
+    serve.add_argument(
+        "--capture",
+        metavar="DIR",
+        help="keep the uploads the model is unsure of in DIR/<predicted label>/, to label on the web "
+        "page (off by default: nothing is kept)",
+    )
+    serve.add_argument(
+        "--capture-below",
+        type=float,
+        metavar="P",
+        help="with --capture: keep uploads whose top-1 probability is below P (default 0.6)",
+    )
+    serve.add_argument(
+        "--capture-sample",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="with --capture: also keep a seeded random fraction F of the others (default 0)",
+    )
+    serve.add_argument(
+        "--capture-max-mb",
+        type=positive_float,
+        metavar="M",
+        help="with --capture: DIR's images at most M MiB; the oldest unlabelled go first (default 1024)",
+    )
     serve.set_defaults(handler=cmd_serve)
+    drift = commands.add_parser(
+        "drift",
+        help="replay images against a model's drift reference, window by window",
+        description="Replay image files, folders or capture manifests (*.jsonl) against MODEL's drift "
+        "reference, in windows of N images: a table of p-values per signal, and a PNG of them. "
+        "Exit status: 0 no window alarmed, 1 drift, 2 a usage error.",
+    )
+    drift.add_argument("--model", required=True, help=model_help)
+    drift.add_argument(
+        "--window", type=positive_int, default=200, metavar="N", help="images per window (default 200)"
+    )
+    drift.add_argument(
+        "--plot", default="drift.png", metavar="PATH", help="the PNG of p-values over windows (drift.png)"
+    )
+    drift.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or *.jsonl manifests")
+    drift.set_defaults(handler=cmd_drift)
     add_registry_commands(commands)
     add_sweep_command(commands)
     return parser

@@ -13,16 +13,27 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
 MAX_EXAMPLES = 50
-OPERATIONS = ["GET /health", "GET /v1/model", "POST /v1/predict"]
+OPERATIONS = ["GET /health", "GET /v1/model", "GET /v1/monitor", "POST /v1/predict"]
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 # Requests to generate: the GETs take no input, so only valid requests exist for them.
-RUNS = [("GET /health", POSITIVE), ("GET /v1/model", POSITIVE)]
+RUNS = [("GET /health", POSITIVE), ("GET /v1/model", POSITIVE), ("GET /v1/monitor", POSITIVE)]
 RUNS += [("POST /v1/predict", POSITIVE), ("POST /v1/predict", NEGATIVE)]
+# Labelling: fuzzed on a server that captures every upload (the predictions fuzzed above included).
+LABELLING = ["GET /v1/captures", "GET /v1/captures/{sha256}", "POST /v1/feedback"]
+OPERATIONS += LABELLING
+RUNS += [(label, mode) for label in LABELLING for mode in (POSITIVE, NEGATIVE)]
 
 
 @pytest.fixture(scope="module")
-def api_schema(base_url):
-    return schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+def api_schema(served_model, tmp_path_factory):
+    from imgclf.serving.app import create_app
+    from imgclf.serving.capture import Capture
+    from tests.serving.conftest import running_server
+
+    capture = Capture(tmp_path_factory.mktemp("captures"), below=1.01)
+    with running_server(create_app(served_model, capture=capture)) as url:
+        yield schemathesis.openapi.from_url(f"{url}/openapi.json")
+    capture.close()
 
 
 def test_every_operation_is_fuzzed(api_schema):

@@ -1,8 +1,11 @@
 """The HTTP API and web page of `imgclf serve` (FastAPI).
 
 Routes: GET / (the web page, static/), GET /health, GET /v1/model, POST /v1/predict, GET /metrics,
-and FastAPI's /docs. With a token, /v1/* need `Authorization: Bearer <token>`; the page, /health,
-/metrics and the docs stay open so a browser can load the page and a prober can check liveness.
+GET /v1/monitor (the drift monitor, serving.monitoring),
+and FastAPI's /docs; with `--capture DIR`, also GET /v1/captures, GET /v1/captures/{sha256} and
+POST /v1/feedback (serving.capture: the uploads the model is unsure of, and their labels). With a
+token, /v1/* need `Authorization: Bearer <token>`; the page, /health, /metrics and the docs stay
+open so a browser can load the page and a prober can check liveness.
 
 Every answer to bad input is a 4xx with a JSON `detail`; an unexpected failure is a 500 with a
 JSON `detail` and no traceback (the traceback goes to the server's log).
@@ -27,18 +30,21 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Security, UploadFile
+from fastapi import Path as PathParameter
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgclf.images import BadImage, image_size
+from imgclf.serving.capture import Capture, CaptureError
 from imgclf.serving.fastpath import PredictFastPath, Upload
 from imgclf.serving.follow import LiveModel
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, RequestGuard
-from imgclf.serving.metrics import Metrics, MetricsMiddleware
+from imgclf.serving.metrics import CaptureCollector, Metrics, MetricsMiddleware
 from imgclf.serving.model import ServedModel
+from imgclf.serving.monitoring import DEFAULT_WINDOW, DriftCollector, ServingMonitor
 from imgclf.serving.predict import prediction
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -49,6 +55,7 @@ FULL_SIZE_IMAGES_PER_REQUEST = 4
 # Decodes in flight at once, across all requests: each may hold a full-size image in memory.
 DECODES_AT_ONCE = os.cpu_count() or 1
 PART_TYPES = ("application/octet-stream", "")  # besides image/*: what clients send when unsure
+SHA256_PATTERN = "^[0-9a-f]{64}$"  # a captured image's name: the SHA-256 of its bytes, in hex
 VERSION_HEADER = "X-Model-Version"  # on /v1/predict answers: the version that computed them
 log = logging.getLogger("imgclf.serving")
 
@@ -86,11 +93,39 @@ class ErrorDetail(BaseModel):
     detail: str | list
 
 
+class CapturedImage(BaseModel):
+    """A captured image: its SHA-256 (GET /v1/captures/{sha256} gives its bytes), when and by
+    which model it was kept, the model's guess and its probability, why it was kept."""
+
+    sha256: str
+    time: str | None
+    model: dict | None
+    label: str | None
+    probability: float | None
+    reason: str | None
+    true_label: str | None
+
+
+class CapturedImages(BaseModel):
+    enabled: bool  # whether this server keeps images (`imgclf serve --capture DIR`)
+    waiting: int  # captured images without a label, in all
+    captures: list[CapturedImage]  # the oldest first: they are the first to be deleted
+
+
+class Feedback(BaseModel):
+    sha256: str = Field(pattern=SHA256_PATTERN, description="the captured image's, from GET /v1/captures")
+    label: str  # the true class: one of the served model's classes
+
+
 ERRORS = {
     400: {"model": ErrorDetail, "description": "not an image, truncated, or too many pixels"},
     401: {"model": ErrorDetail, "description": "a token is set and the request lacks it"},
     413: {"model": ErrorDetail, "description": "request body, or the images' pixels in all, over the limit"},
     415: {"model": ErrorDetail, "description": "not multipart/form-data, or a part that is not an image"},
+}
+CAPTURE_ERRORS = {
+    401: ERRORS[401],
+    404: {"model": ErrorDetail, "description": "capture is off (no --capture), or no such captured image"},
 }
 
 
@@ -100,15 +135,25 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     decodes_at_once: int = DECODES_AT_ONCE,
     fast_path: bool = True,
+    capture: Capture | None = None,
+    monitor_window: int = DEFAULT_WINDOW,
 ) -> ASGIApp:
     """The ASGI app: metrics around the request guard around the FastAPI routes.
 
     fast_path: answer the common POST /v1/predict in serving.fastpath (the same answers, without
     FastAPI's per-request cost); False sends every request through FastAPI.
+    capture: keep the uploads the model is unsure of, for labelling (serving.capture); None: off.
+    monitor_window: images per drift window (serving.monitoring); 0: no drift monitor.
     """
     live = model if isinstance(model, LiveModel) else LiveModel(model)
     metrics = Metrics(live)
-    classifier = Classifier(metrics, live.model.max_pixels, threading.BoundedSemaphore(decodes_at_once))
+    monitor = ServingMonitor(live, monitor_window)
+    metrics.registry.register(DriftCollector(monitor))
+    classifier = Classifier(
+        metrics, live.model.max_pixels, threading.BoundedSemaphore(decodes_at_once), capture, monitor
+    )
+    if capture is not None:
+        metrics.registry.register(CaptureCollector(capture))
     following = f", following `{live.registry.uri}`" if live.following else ""
     description = f"Image classifier `{live.model.name}`{following}. GET /v1/model: the version served now."
     api = FastAPI(
@@ -152,6 +197,79 @@ def create_app(
         answers = classifier.classify(model, uploads, top_k)
         response.headers[VERSION_HEADER] = model.version
         return {"predictions": answers}
+
+    def kept() -> Capture:
+        if capture is None:
+            raise HTTPException(404, "capture is off: start the server with `imgclf serve --capture DIR`")
+        return capture
+
+    @api.get(
+        "/v1/captures",
+        response_model=CapturedImages,
+        dependencies=secured,
+        responses=CAPTURE_ERRORS,
+        tags=["labelling"],
+    )
+    def captures(
+        limit: Annotated[int, Query(ge=1, le=200, description="at most this many images")] = 50,
+        offset: Annotated[int, Query(ge=0, description="skip this many of the oldest")] = 0,
+    ) -> dict:
+        """The captured images that await a label (`imgclf serve --capture DIR`), the oldest first;
+        `enabled` false and none when capture is off."""
+        if capture is None:
+            return {"enabled": False, "waiting": 0, "captures": []}
+        waiting, page = capture.pending(limit, offset)
+        return {"enabled": True, "waiting": waiting, "captures": page}
+
+    @api.get(
+        "/v1/captures/{sha256}",
+        dependencies=secured,
+        responses={**CAPTURE_ERRORS, 200: {"content": {"image/*": {}}, "description": "the uploaded bytes"}},
+        response_class=FileResponse,
+        tags=["labelling"],
+    )
+    def captured_image(sha256: Annotated[str, PathParameter(pattern=SHA256_PATTERN)]) -> FileResponse:
+        """A captured image's bytes as uploaded."""
+        try:
+            path, media_type = kept().image(sha256)
+        except CaptureError as error:
+            raise HTTPException(error.status, error.detail) from None
+        if not path.is_file():
+            raise HTTPException(404, f"captured image {sha256} is no longer on disk")
+        headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"}
+        return FileResponse(path, media_type=media_type, headers=headers)
+
+    @api.post(
+        "/v1/feedback",
+        response_model=CapturedImage,
+        dependencies=secured,
+        responses={
+            **CAPTURE_ERRORS,
+            400: {"model": ErrorDetail, "description": "a body that is not JSON"},
+            422: {"model": ErrorDetail, "description": "a label not among the classes, or not a SHA-256"},
+            503: {"model": ErrorDetail, "description": "the capture folder cannot be written now"},
+        },
+        tags=["labelling"],
+    )
+    def feedback(body: Feedback) -> dict:
+        """Give a captured image its true label: it moves to DIR/labelled/<label>/, for
+        `data.extra_train`. Labelling it again moves it to the new label's folder."""
+        target = kept()
+        classes = live.model.card.classes
+        if body.label not in classes:
+            shown = ", ".join(classes[:20]) + (", …" if len(classes) > 20 else "")
+            raise HTTPException(422, f"label {body.label!r} is not one of the model's classes ({shown})")
+        try:
+            return target.label(body.sha256, body.label)
+        except CaptureError as error:
+            raise HTTPException(error.status, error.detail) from None
+
+    @api.get("/v1/monitor", dependencies=secured, responses={401: ERRORS[401]}, tags=["model"])
+    def drift_monitor() -> dict:
+        """The drift monitor: the reference's summary, per signal the last window's statistic,
+        p-value and alarm (Bonferroni: at most 1 % of windows like the reference alarm), the last
+        windows."""
+        return monitor.state()
 
     @api.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
@@ -211,6 +329,8 @@ class Classifier:
     metrics: Metrics
     max_pixels: int  # the server's setting: the same for every version
     decode_slots: threading.BoundedSemaphore
+    capture: Capture | None = None  # offered every classified upload; it keeps the ones it wants
+    monitor: ServingMonitor | None = None  # the drift monitor: every classified batch
 
     def check_types(self, uploads: list[Upload]) -> None:
         """415 if a part's content type is not an image's (or one that clients send when unsure)."""
@@ -252,11 +372,17 @@ class Classifier:
             with slots or self.decode_slots, _bad_image_is_400(upload.name):
                 images.append(model.preprocess(upload.data, max_pixels))
         # One image needs no copy: its (1, C, H, W) view is contiguous as the session wants it.
-        probabilities = model.predict(images[0][None] if len(images) == 1 else np.stack(images))
+        batch = images[0][None] if len(images) == 1 else np.stack(images)
+        probabilities = model.predict(batch)
         classes = model.card.classes
         answers = [prediction(u.name, p, classes, top_k) for u, p in zip(uploads, probabilities, strict=True)]
         for answer in answers:
             self.metrics.predicted(answer["label"])
+        self.metrics.confidences(probabilities)
+        if self.monitor is not None:
+            self.monitor.observe(model, batch, probabilities)
+        if self.capture is not None:
+            self.capture.offer(model, uploads, probabilities)
         return answers
 
 

@@ -1,5 +1,6 @@
-"""Prometheus metrics of the HTTP API: requests by route and status, latency, predictions per class,
-and the served model: its version now, swaps to a new version, versions refused, failed polls.
+"""Prometheus metrics of the HTTP API: requests by route and status, latency, predictions per class
+and their top-1 probability, and the served model: its version now, swaps to a new version,
+versions refused, failed polls. The drift monitor's are serving.monitoring's DriftCollector.
 
 Each app has its own registry, so apps built side by side (tests) do not share counters. Routes
 are labelled by their template ("/v1/predict"), never by the raw path: a scanner probing random
@@ -9,15 +10,19 @@ URLs must not create a time series per URL.
 import time
 from collections.abc import Iterator
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imgclf.serving.capture import Capture
 from imgclf.serving.follow import LiveModel
 
 # Latency buckets for a model that answers in about a millisecond, up to slow uploads.
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 MAX_CACHED_CHILDREN = 256
+# Top-1 probability buckets: monitoring/alerts.yml's low-confidence rule reads the 0.6 one.
+CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 class Metrics:
@@ -39,6 +44,12 @@ class Metrics:
         self.predictions = Counter(
             "imgclf_predictions", "Predicted images by predicted class", ["label"], registry=self.registry
         )
+        self.confidence = Histogram(
+            "imgclf_prediction_confidence",
+            "Top-1 probability of each classified image",
+            buckets=CONFIDENCE_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(ServedModelCollector(live))
         # The children of the labelled metrics, by label values: `labels()` takes a lock each time.
         self._responses: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -59,6 +70,11 @@ class Metrics:
         if child is None:
             child = self._predicted.setdefault(label, self.predictions.labels(label))
         child.inc()
+
+    def confidences(self, probabilities: np.ndarray) -> None:
+        """The top-1 probability of each image of a batch (N, classes)."""
+        for value in probabilities.max(axis=1).tolist():
+            self.confidence.observe(value)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -89,6 +105,42 @@ class ServedModelCollector:
             "imgclf_registry_poll_failures",
             "Polls of the alias that the store did not answer",
             self.live.poll_failures,
+        )
+
+
+class CaptureCollector:
+    """`imgclf serve --capture DIR`: what was kept, dropped, evicted, labelled, and failed writes."""
+
+    def __init__(self, capture: Capture):
+        self.capture = capture
+
+    def collect(self) -> Iterator[Metric]:
+        capture = self.capture
+        yield CounterMetricFamily("imgclf_captured", "Uploads kept for labelling", capture.captured)
+        yield CounterMetricFamily(
+            "imgclf_capture_errors",
+            "Captures that could not be written (a full or read-only disk); requests still answered",
+            capture.errors,
+        )
+        dropped = CounterMetricFamily(
+            "imgclf_capture_dropped",
+            "Captures not kept: queue_full (the writer fell behind), full (labelled images fill the budget)",
+            labels=["reason"],
+        )
+        for reason, count in capture.dropped.items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        yield CounterMetricFamily(
+            "imgclf_capture_evicted", "Unlabelled captures deleted to stay within the budget", capture.evicted
+        )
+        yield CounterMetricFamily(
+            "imgclf_capture_labelled", "Labels given through /v1/feedback", capture.labelled_total
+        )
+        yield GaugeMetricFamily(
+            "imgclf_capture_bytes", "Bytes of images under the capture folder", capture.bytes_used()
+        )
+        yield GaugeMetricFamily(
+            "imgclf_capture_waiting", "Captured images awaiting a label", capture.waiting()
         )
 
 

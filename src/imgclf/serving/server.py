@@ -12,13 +12,16 @@ Served from an alias (`models:/<name>@<alias>`), the model follows it: a thread 
 alias every `refresh` seconds and swaps in a new version (serving.follow); it stops with the server.
 """
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
 from imgclf.images import MAX_PIXELS
 from imgclf.serving.app import create_app
+from imgclf.serving.capture import DEFAULT_BELOW, DEFAULT_MAX_MB, Capture
 from imgclf.serving.follow import LiveModel
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES
+from imgclf.serving.monitoring import DEFAULT_WINDOW as DEFAULT_MONITOR_WINDOW
 
 DEFAULT_REFRESH_S = 30.0  # `imgclf serve --refresh` states it in its help: keep them equal
 
@@ -35,13 +38,29 @@ class ServeOptions:
     max_pixels: int = MAX_PIXELS
     access_log: bool = False
     refresh: float = DEFAULT_REFRESH_S
+    monitor_window: int = DEFAULT_MONITOR_WINDOW  # images per drift window; 0: off
+    capture_dir: str | None = None  # None: nothing kept (users' images are theirs)
+    capture_below: float = DEFAULT_BELOW
+    capture_sample: float = 0.0
+    capture_max_bytes: int = int(DEFAULT_MAX_MB * 1024 * 1024)
 
 
 def serve(model_uri: str, options: ServeOptions = ServeOptions()) -> None:
     import uvicorn
 
     live = LiveModel.load(model_uri, options.refresh, threads=options.threads, max_pixels=options.max_pixels)
-    app = create_app(live, token=options.token, max_body_bytes=options.max_body_bytes)
+    capture = None
+    if options.capture_dir is not None:
+        capture = Capture(
+            options.capture_dir, options.capture_below, options.capture_sample, options.capture_max_bytes
+        )
+    app = create_app(
+        live,
+        token=options.token,
+        max_body_bytes=options.max_body_bytes,
+        capture=capture,
+        monitor_window=options.monitor_window,
+    )
     auth = "bearer token required on /v1/*" if options.token else "no token"
     url = f"http://{options.host}:{options.port}/"
     model = live.model
@@ -50,7 +69,15 @@ def serve(model_uri: str, options: ServeOptions = ServeOptions()) -> None:
     # uvicorn's own logging, plus the swaps and refusals of serving.follow, in its format.
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["imgclf.serving"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    with live:  # the poller runs while uvicorn does, and stops when it returns
+    if capture is not None:
+        print(
+            f"imgclf: keeping uploads below {options.capture_below:g} top-1 probability"
+            f" (and a {options.capture_sample:g} sample) in {capture.root}, at most "
+            f"{options.capture_max_bytes / 1024**2:g} MiB",
+            flush=True,
+        )
+    # the poller runs while uvicorn does, and stops when it returns; the capture writer drains
+    with live, contextlib.closing(capture) if capture is not None else contextlib.nullcontext():
         uvicorn.run(
             app,
             host=options.host,

@@ -4,7 +4,8 @@ The graph takes raw pixels (`image`, uint8, (N, C, H, W), N dynamic) and returns
 `probabilities` (float32, (N, classes)); the normalisation is inside it. Only values that follow
 from the training (the model card: classes, input spec, normalisation) go into the file, so
 identical training gives an identical file; run-specific values (run id, commit, time) go into
-the sidecar JSON.
+the sidecar JSON. The drift reference (imgclf.drift.reference: what the exported model does on
+the validation split) goes into the file too, under `imgclf.reference`, and into the sidecar.
 """
 
 import hashlib
@@ -24,10 +25,12 @@ from torch import nn
 from imgclf.card import ModelCard
 from imgclf.config.pipeline import PipelineConfig
 from imgclf.data.normalized import load_split
+from imgclf.drift.reference import METADATA_KEY as REFERENCE_METADATA
+from imgclf.drift.reference import Reference, build_reference
 from imgclf.errors import ImgclfError
 from imgclf.fileio import atomic_path, write_json
 from imgclf.models import Checkpoint, load_checkpoint
-from imgclf.runtime import inference_session
+from imgclf.runtime import inference_session, predict_probabilities
 from imgclf.tracking import client as tracking
 from imgclf.tracking.local import file_sha256, read_record, write_record
 from imgclf.tracking.worker import Tracker
@@ -124,13 +127,19 @@ def check_parity(model: Probabilities, proto: onnx.ModelProto, images: np.ndarra
     }
 
 
+def drift_reference(proto: onnx.ModelProto, images: np.ndarray, split: str = "val") -> Reference:
+    """The drift reference: what ONNX Runtime, running the exported graph, does on a held-out split."""
+    session = inference_session(proto.SerializeToString())
+    return build_reference(images, predict_probabilities(session, images), split)
+
+
 @dataclass(frozen=True)
 class ExportPaths:
     """What the export stage reads and writes: its `cmd:` in dvc.yaml names each."""
 
     params: Path
     checkpoint: Path  # models/model.ckpt
-    data: Path  # data/normalized: the test split checks parity
+    data: Path  # data/normalized: the test split checks parity, the val split gives the drift reference
     raw: Path  # data/raw/<name>: hashed into the lineage of a run made afresh
     onnx: Path
     sidecar: Path  # models/model.json: what the same checkpoint always gives (DVC-tracked)
@@ -186,6 +195,8 @@ def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, r
             f"{parity['parity_max_abs_diff']:.2e} (limit {PARITY_ATOL:.0e}), "
             f"{parity['parity_argmax_mismatches']} argmax mismatches"
         )
+    reference = drift_reference(proto, load_split(paths.data, "val")[0])
+    proto.metadata_props.add(key=REFERENCE_METADATA, value=json.dumps(reference.to_json()))
     model_bytes = proto.SerializeToString()
     lineage = run.result()["lineage"]
     sidecar = {
@@ -202,6 +213,7 @@ def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, r
             "parity_argmax_mismatches": parity["parity_argmax_mismatches"],
             "parity_n": parity["parity_n"],
         },
+        "reference": reference.to_json(),
         # What the same checkpoint and data always give; the run and the commit: models/run.json.
         "lineage": {
             "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(),

@@ -7,6 +7,11 @@ const TOKEN_KEY = "imgclf.token";
 // Relative URLs, so the page also works when a proxy serves it under a path prefix.
 const MODEL_URL = "v1/model";
 const PREDICT_URL = "v1/predict";
+const MONITOR_URL = "v1/monitor";
+const MONITOR_EVERY_MS = 30000;
+const CAPTURES_URL = "v1/captures";
+const FEEDBACK_URL = "v1/feedback";
+const CAPTURES_SHOWN = 24;
 
 const $ = (id) => document.getElementById(id);
 
@@ -17,6 +22,7 @@ const state = {
   modelVersion: null, // the version the page shows; an answer from another one reloads the card
   request: 0, // increases per prediction; an older answer arriving late is dropped
   retry: null, // the prediction to run again once a token is given
+  classes: [], // the served model's: what a captured image may be labelled
 };
 
 class AuthRequired extends Error {}
@@ -63,6 +69,8 @@ async function loadModel() {
   try {
     showModel(await api(MODEL_URL));
     state.modelLoaded = true;
+    loadMonitor();
+    loadCaptures();
   } catch (error) {
     if (error instanceof AuthRequired) {
       $("model-name").textContent = "token needed";
@@ -80,6 +88,7 @@ function showModel(card) {
   state.modelVersion = card.version == null ? null : String(card.version);
   $("model-input").textContent = describeInput(card.input);
   $("model-classes").textContent = describeClasses(card.classes);
+  state.classes = Array.isArray(card.classes) ? card.classes.map(String) : [];
   document.title = `imgclf · ${name}`;
 }
 
@@ -258,6 +267,9 @@ async function predict() {
     if (!prediction) throw new Error("The server's answer held no prediction");
     hideError();
     showPrediction(prediction, performance.now() - started);
+    loadMonitor(); // this image may have completed a window
+    // The server may have kept this image to be labelled; it writes it in the background.
+    setTimeout(loadCaptures, 500);
   } catch (error) {
     if (request !== state.request) return;
     if (error instanceof AuthRequired) state.retry = predict;
@@ -310,6 +322,98 @@ function percent(p) {
   return `${value >= 99.95 || value < 0.05 ? value.toFixed(0) : value.toFixed(1)}%`;
 }
 
+// ---- Labelling what the server kept (imgclf serve --capture DIR) ------------------------
+
+// The section stays hidden when the server keeps nothing or the token is not given yet.
+async function loadCaptures() {
+  let body;
+  try {
+    body = await api(`${CAPTURES_URL}?limit=${CAPTURES_SHOWN}`);
+  } catch (error) {
+    body = null;
+  }
+  if (!body || !body.enabled) {
+    $("labelling").hidden = true;
+    return;
+  }
+  const shown = body.captures.filter((c) => !$("captures").querySelector(`[data-sha256="${c.sha256}"]`));
+  for (const item of $("captures").querySelectorAll(".capture")) {
+    if (!body.captures.some((c) => c.sha256 === item.dataset.sha256)) item.remove();
+  }
+  $("captures").append(...shown.map(captureItem));
+  showWaiting(body.waiting);
+  $("labelling").hidden = false;
+}
+
+function showWaiting(waiting) {
+  $("captures-count").textContent =
+    waiting === 0 ? "Nothing to label." : `${waiting} image${waiting === 1 ? "" : "s"} to label.`;
+}
+
+function captureItem(capture) {
+  const item = document.createElement("li");
+  item.className = "capture";
+  item.dataset.sha256 = capture.sha256;
+
+  const image = document.createElement("img");
+  image.alt = `Captured image, the model said ${capture.label}`;
+  loadCapturedImage(capture.sha256, image);
+
+  const guess = document.createElement("span");
+  guess.className = "guess";
+  const p = capture.probability == null ? "" : ` (${percent(capture.probability)})`;
+  guess.textContent = `Model: ${capture.label}${p}`;
+
+  const select = document.createElement("select");
+  select.setAttribute("aria-label", "The right class");
+  const prompt = new Option("The right class…", "");
+  prompt.disabled = true;
+  prompt.selected = true;
+  select.append(prompt, ...state.classes.map((label) => new Option(label, label)));
+
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "label-button";
+  button.textContent = "Label";
+  button.disabled = true;
+  select.addEventListener("change", () => (button.disabled = !select.value));
+  button.addEventListener("click", () => sendLabel(item, capture.sha256, select.value));
+
+  item.append(image, guess, select, button);
+  return item;
+}
+
+// The image needs the token too: fetched with it, shown from a blob URL.
+async function loadCapturedImage(sha256, image) {
+  const headers = new Headers();
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  try {
+    const response = await fetch(`${CAPTURES_URL}/${sha256}`, { headers });
+    if (response.ok) image.src = URL.createObjectURL(await response.blob());
+  } catch (error) {
+    image.alt = "The image could not be loaded";
+  }
+}
+
+async function sendLabel(item, sha256, label) {
+  if (!label) return;
+  try {
+    await api(FEEDBACK_URL, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sha256, label }),
+    });
+  } catch (error) {
+    if (!(error instanceof AuthRequired)) showError(`Could not label the image: ${error.message}`);
+    return;
+  }
+  const image = item.querySelector("img");
+  if (image.src) URL.revokeObjectURL(image.src);
+  item.remove();
+  loadCaptures();
+}
+
 // ---- Messages ---------------------------------------------------------------------------
 
 // An error replaces the last result, which belonged to another image.
@@ -324,6 +428,28 @@ function hideError() {
   $("error").textContent = "";
 }
 
+// ---- Drift monitor: one line, "no drift" or "drift in <signal> since <time>" ---------------
+
+async function loadMonitor() {
+  try {
+    $("model-drift").textContent = describeDrift(await api(MONITOR_URL));
+  } catch (error) {
+    $("model-drift").textContent = error instanceof AuthRequired ? "token needed" : "unavailable";
+  }
+}
+
+function describeDrift(monitor) {
+  if (!monitor.active) return monitor.note ? `monitor ${monitor.note}` : "monitor off";
+  if (monitor.drift && monitor.drift.length) {
+    const since = (entry) => `${entry.signal} since ${new Date(entry.since).toLocaleString()}`;
+    return `drift in ${monitor.drift.map(since).join(", ")}`;
+  }
+  if (!monitor.windows_total) {
+    return `no drift (first window: ${monitor.images_in_window} of ${monitor.window} images)`;
+  }
+  return "no drift";
+}
+
 // ---- Start ------------------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -331,5 +457,7 @@ document.addEventListener("DOMContentLoaded", () => {
   setUpCanvas();
   $("predict").addEventListener("click", predict);
   $("auth").addEventListener("submit", saveToken);
+  $("captures-refresh").addEventListener("click", loadCaptures);
   loadModel();
+  setInterval(() => state.modelLoaded && loadMonitor(), MONITOR_EVERY_MS);
 });
