@@ -153,6 +153,7 @@ def create_app(
         metrics, live.model.max_pixels, threading.BoundedSemaphore(decodes_at_once), capture, monitor
     )
     if capture is not None:
+        capture.signals = monitor.signals  # the drift state, in each capture's manifest line
         metrics.registry.register(CaptureCollector(capture))
     following = f", following `{live.registry.uri}`" if live.following else ""
     description = f"Image classifier `{live.model.name}`{following}. GET /v1/model: the version served now."

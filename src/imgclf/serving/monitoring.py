@@ -69,6 +69,12 @@ class ServingMonitor:
             return {**base, "active": False, "status": "off", "window": 0, "windows_total": 0, "windows": []}
         return {**base, **self.drift.state()}
 
+    def signals(self) -> dict:
+        """The monitor's state in brief, recorded with each captured image: its status and the
+        signals in drift, with since when."""
+        state = self.drift.state() if self.drift is not None else {"status": "off", "drift": []}
+        return {"status": state["status"], "drift": state["drift"]}
+
 
 class DriftCollector:
     """imgclf_drift_* as they are at each scrape: the last full window's results."""
