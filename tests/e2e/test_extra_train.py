@@ -18,7 +18,7 @@ from imgclf.registry.evidence import test_split_sha256 as split_sha256
 from tests.conftest import run
 from tests.e2e.test_pipeline import STAGES, stages_run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # four `dvc repro` runs: minutes
 
 
 def held_out(normalized) -> dict[str, str]:
