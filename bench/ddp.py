@@ -331,7 +331,7 @@ def compare_stage(raw: Path, normalized: Path, scratch: Path, repeats: int) -> d
                 cmd += ["--data", str(normalized), "--raw", str(raw), "--checkpoint", "models/model.ckpt"]
                 cmd += ["--metrics", "metrics/train.json", "--curves", "plots/train_curves.csv"]
                 cmd += ["--curves-png", "plots/train_curves.png"]
-                cmd += ["--run", "models/run.json", "--local", "metrics/local/train.json"]
+                cmd += ["--run-record", "models/run.json", "--local-metrics", "metrics/local/train.json"]
                 rank_env = env | ({"NODE_RANK": str(rank)} if nodes > 1 else {})
                 processes.append(
                     subprocess.Popen(

@@ -7,7 +7,9 @@ from imgclf.tracking.worker import Tracker
 
 
 def main() -> None:
-    paths = stage_paths(__doc__, "params", "onnx", "sidecar", "data", "metrics", "plots", "run", "local")
+    paths = stage_paths(
+        __doc__, "params", "onnx", "sidecar", "data", "metrics", "plots", "run_record", "local_metrics"
+    )
     config = load_pipeline(paths.params)
     with Tracker(config, plots=True) as tracker:  # the worker imports mlflow while this process evaluates
         from imgclf.stages.evaluation import EvalPaths, evaluate

@@ -8,7 +8,9 @@ from imgclf.tracking.worker import Tracker
 
 
 def main() -> None:
-    paths = stage_paths(__doc__, "params", "checkpoint", "data", "raw", "onnx", "sidecar", "run", "local")
+    paths = stage_paths(
+        __doc__, "params", "checkpoint", "data", "raw", "onnx", "sidecar", "run_record", "local_metrics"
+    )
     params = read_yaml(paths.params)  # logged to a new run if the store lost the train stage's
     config = validate_pipeline(params)
     with Tracker(config, params, model=True) as tracker:  # the worker imports mlflow, this process torch

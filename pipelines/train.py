@@ -10,7 +10,16 @@ from imgclf.tracking.worker import Tracker, launched_as_rank_zero
 
 def main() -> None:
     paths = stage_paths(
-        __doc__, "params", "data", "raw", "checkpoint", "metrics", "curves", "curves_png", "run", "local"
+        __doc__,
+        "params",
+        "data",
+        "raw",
+        "checkpoint",
+        "metrics",
+        "curves",
+        "curves_png",
+        "run_record",
+        "local_metrics",
     )
     params = read_yaml(paths.params)  # all of it is logged to the run, promote and sweep too
     config = validate_pipeline(params)  # before torch is imported: a bad value fails in a second

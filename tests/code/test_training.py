@@ -91,7 +91,9 @@ def test_train_twice_in_one_process_opens_two_runs_and_leaks_nothing(config, dig
         out = tmp_path / attempt
         with Tracker(config) as tracker:
             outs = (out / "model.ckpt", out / "train.json", out / "curves.csv")
-            paths = TrainPaths(params, normalized, raw, *outs, run=out / "run.json", local=out / "local.json")
+            paths = TrainPaths(
+                params, normalized, raw, *outs, run_record=out / "run.json", local_metrics=out / "local.json"
+            )
             metrics = train(config, paths, tracker)
         assert metrics["epochs"] == 2 and 0 < metrics["val_acc"] <= 1
         assert (out / "train.json").is_file() and (out / "curves.csv").read_text().count("\n") == 3

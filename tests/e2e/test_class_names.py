@@ -54,12 +54,18 @@ def test_any_folder_name_works_end_to_end(tmp_path, monkeypatch):
     params, checkpoint = tmp_path / "params.yaml", models / "model.ckpt"
     onnx, sidecar, run_file = models / "model.onnx", models / "model.json", models / "run.json"
     with Tracker(config) as tracker:  # one per stage, as each stage script starts its own
-        paths = TrainPaths(params, normalized, raw, checkpoint, out / "t.json", out / "c.csv", run=run_file)
+        paths = TrainPaths(
+            params, normalized, raw, checkpoint, out / "t.json", out / "c.csv", run_record=run_file
+        )
         train(config, paths, tracker)
     with Tracker(config) as tracker:
-        export(config, ExportPaths(params, checkpoint, normalized, raw, onnx, sidecar, run=run_file), tracker)
+        export(
+            config,
+            ExportPaths(params, checkpoint, normalized, raw, onnx, sidecar, run_record=run_file),
+            tracker,
+        )
     with Tracker(config) as tracker:
-        paths = EvalPaths(params, onnx, sidecar, normalized, out / "eval.json", out, run=run_file)
+        paths = EvalPaths(params, onnx, sidecar, normalized, out / "eval.json", out, run_record=run_file)
         metrics = evaluate(config, paths, tracker)
 
     assert json.loads((models / "model.json").read_text())["classes"] == CLASSES

@@ -69,9 +69,9 @@ class Outputs:
             data=root / flag["--data"],
             metrics=root / flag["--metrics"],
             per_class=root / flag["--plots"] / "per_class.csv",
-            run=root / flag["--run"] if "--run" in flag else None,
-            speed=root / flag["--local"] if "--local" in flag else None,
-            parity=root / export["--local"] if "--local" in export else None,
+            run=root / flag["--run-record"] if "--run-record" in flag else None,
+            speed=root / flag["--local-metrics"] if "--local-metrics" in flag else None,
+            parity=root / export["--local-metrics"] if "--local-metrics" in export else None,
         )
         if check:
             outputs.check_evaluated(root)

@@ -123,8 +123,8 @@ class EvalPaths:
     data: Path  # data/normalized: the test split
     metrics: Path  # metrics/eval.json: the quality the same model always has (git-tracked)
     plots: Path  # per-class scores and the confusion matrix
-    run: Path | None = None  # models/run.json: the MLflow run to log to (git-ignored)
-    local: Path | None = None  # metrics/local/eval.json: this machine's speed (git-ignored)
+    run_record: Path | None = None  # models/run.json: the MLflow run to log to (git-ignored)
+    local_metrics: Path | None = None  # metrics/local/eval.json: this machine's speed (git-ignored)
 
 
 def evaluate(config: PipelineConfig, paths: EvalPaths, tracker: Tracker) -> dict:
@@ -133,7 +133,7 @@ def evaluate(config: PipelineConfig, paths: EvalPaths, tracker: Tracker) -> dict
     pipeline's MLflow run: the one models/run.json names for this very ONNX file, else the run
     that logged a file with its SHA-256 (outputs restored by DVC), else none."""
     onnx_sha256 = file_sha256(paths.onnx)
-    made_by = read_record(paths.run, onnx_sha256=onnx_sha256) if paths.run else {}
+    made_by = read_record(paths.run_record, onnx_sha256=onnx_sha256) if paths.run_record else {}
     tracker.follow(tracking.model_run, made_by.get("mlflow_run_id"), onnx_sha256)
     with tracker.run_status():
         # Speed is timed once the tracking worker is idle: the timings share the CPU with nothing.
@@ -147,8 +147,8 @@ def evaluate(config: PipelineConfig, paths: EvalPaths, tracker: Tracker) -> dict
         quality = {k: v for k, v in scores.metrics.items() if not k.startswith(SPEED)}
         timings = {k: v for k, v in scores.metrics.items() if k.startswith(SPEED)}
         write_json(paths.metrics, quality)
-        if paths.local:
-            write_record(paths.local, {**timings, "onnx_sha256": onnx_sha256})
+        if paths.local_metrics:
+            write_record(paths.local_metrics, {**timings, "onnx_sha256": onnx_sha256})
         tracker.log(tracking.log_metrics, {f"test_{k}": v for k, v in timings.items()})
         tracker.log(tracking.log_artifacts, [paths.metrics])
     return scores.metrics

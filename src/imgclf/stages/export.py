@@ -143,8 +143,8 @@ class ExportPaths:
     raw: Path  # data/raw/<name>: hashed into the lineage of a run made afresh
     onnx: Path
     sidecar: Path  # models/model.json: what the same checkpoint always gives (DVC-tracked)
-    run: Path | None = None  # models/run.json: the MLflow run and the commit (git-ignored)
-    local: Path | None = None  # metrics/local/export.json: this machine's parity figure (git-ignored)
+    run_record: Path | None = None  # models/run.json: the MLflow run and the commit (git-ignored)
+    local_metrics: Path | None = None  # metrics/local/export.json: this machine's parity figure (git-ignored)
 
 
 class Exported(NamedTuple):
@@ -158,18 +158,18 @@ def export(config: PipelineConfig, paths: ExportPaths, tracker: Tracker) -> Expo
     not the one that run made)."""
     trained = load_checkpoint(paths.checkpoint)
     checkpoint_sha256 = file_sha256(paths.checkpoint)
-    made_by = read_record(paths.run, checkpoint_sha256=checkpoint_sha256) if paths.run else {}
+    made_by = read_record(paths.run_record, checkpoint_sha256=checkpoint_sha256) if paths.run_record else {}
     # Answered by the time it is read: {"run_id", "lineage"}.
     run = tracker.follow(
         tracking.adopt_run, tracker.params, made_by.get("mlflow_run_id"), paths.data, paths.raw
     )
     with tracker.run_status():
         exported = _export(config, paths, tracker, trained, run)
-    if paths.run:
+    if paths.run_record:
         answer = run.result()
         onnx_sha256 = exported.sidecar["lineage"]["onnx_sha256"]
         write_record(
-            paths.run,
+            paths.run_record,
             {
                 "mlflow_run_id": answer["run_id"],
                 "tracking_uri": tracking.tracking_uri(config),
@@ -178,8 +178,8 @@ def export(config: PipelineConfig, paths: ExportPaths, tracker: Tracker) -> Expo
                 **{key: value for key, value in answer["lineage"].items() if not key.startswith(DATA)},
             },
         )
-        if paths.local:
-            write_record(paths.local, {**exported.parity, "onnx_sha256": onnx_sha256})
+        if paths.local_metrics:
+            write_record(paths.local_metrics, {**exported.parity, "onnx_sha256": onnx_sha256})
     return exported
 
 

@@ -40,8 +40,8 @@ class TrainPaths:
     metrics: Path  # metrics/train.json: the numbers the same run always gives (git-tracked)
     curves: Path
     curves_png: Path | None = None
-    run: Path | None = None  # models/run.json: the MLflow run of this checkout's model (git-ignored)
-    local: Path | None = None  # metrics/local/train.json: this machine's timings (git-ignored)
+    run_record: Path | None = None  # models/run.json: the MLflow run of this checkout's model (git-ignored)
+    local_metrics: Path | None = None  # metrics/local/train.json: this machine's timings (git-ignored)
 
 
 def train(config: PipelineConfig, paths: TrainPaths, tracker: Tracker) -> dict[str, float]:
@@ -87,11 +87,11 @@ def train(config: PipelineConfig, paths: TrainPaths, tracker: Tracker) -> dict[s
             timings = time_fit(curves.rows, seconds, to_mlflow.seconds, n_train)
             write_json(paths.metrics, metrics)
             write_curves(curves.rows, paths.curves)
-            if paths.run:
+            if paths.run_record:
                 ckpt = {"checkpoint_sha256": file_sha256(paths.checkpoint)}
-                write_record(paths.run, {"mlflow_run_id": run_id, **ckpt})
-                if paths.local:
-                    write_record(paths.local, {**timings, **ckpt})
+                write_record(paths.run_record, {"mlflow_run_id": run_id, **ckpt})
+                if paths.local_metrics:
+                    write_record(paths.local_metrics, {**timings, **ckpt})
             tracker.log(tracking.log_metrics, {BEST.get(k, k): v for k, v in (metrics | timings).items()})
             tracker.log(tracking.log_artifacts, [paths.params, paths.metrics, paths.curves])
             if paths.curves_png:
