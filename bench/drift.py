@@ -8,8 +8,10 @@ data/normalized/test:
 - no shift: WINDOWS windows of WINDOW images drawn with replacement from the test split (a fixed
   seed); the share of windows with any alarm is the false-alarm rate (target <= 1 %);
 - each shift, applied to the test images first: classes 0-4 only, darker (x0.6), inverted
-  (255 - x), gaussian noise (sigma 40), a one-pixel shift to the right: the share of windows
-  that alarm is the detection rate (target >= 95 % each);
+  (255 - x), gaussian noise (sigma 40), a one-pixel shift to the right; and to the uploads'
+  sizes before resizing (data/normalized's sizes.npy), the pixels unchanged: uploads 4x larger,
+  uploads widened to 4:3: the share of windows that alarm is the detection rate (target >= 95 %
+  each);
 - the CPU time of one window's tests (target <= 1 ms), and of a request's hand-over to the
   monitor (DriftMonitor.observe) and a window's per-image numbers, for the record.
 """
@@ -32,14 +34,20 @@ def shift_one_pixel(images: np.ndarray) -> np.ndarray:
     return np.concatenate([images[..., :1], images[..., :-1]], axis=-1)
 
 
-def shifts(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+Condition = tuple[np.ndarray, np.ndarray, np.ndarray]  # images, labels, sizes before resizing
+
+
+def shifts(images: np.ndarray, labels: np.ndarray, sizes: np.ndarray, rng) -> dict[str, Condition]:
     noise = rng.normal(0, 40, size=images.shape)
+    wider = np.stack([np.round(sizes[:, 1] * 4 / 3), sizes[:, 1]], axis=1)
     return {
-        "classes 0-4 only": images[labels < 5],
-        "darker x0.6": np.round(images * 0.6).astype(np.uint8),
-        "inverted": 255 - images,
-        "noise sigma 40": np.clip(np.round(images + noise), 0, 255).astype(np.uint8),
-        "1-pixel shift": shift_one_pixel(images),
+        "classes 0-4 only": (images[labels < 5], labels[labels < 5], sizes[labels < 5]),
+        "darker x0.6": (np.round(images * 0.6).astype(np.uint8), labels, sizes),
+        "inverted": (255 - images, labels, sizes),
+        "noise sigma 40": (np.clip(np.round(images + noise), 0, 255).astype(np.uint8), labels, sizes),
+        "1-pixel shift": (shift_one_pixel(images), labels, sizes),
+        "uploads 4x larger": (images, labels, sizes * 4),
+        "uploads widened to 4:3": (images, labels, wider),
     }
 
 
@@ -61,30 +69,36 @@ def alarm_rate(test, values: dict[str, np.ndarray], rng: np.random.Generator) ->
     return alarmed / WINDOWS, per_signal, cpu / WINDOWS
 
 
-def hand_over_cost(reference, images: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
+def hand_over_cost(reference, condition: Condition, probabilities: np.ndarray) -> tuple[float, float]:
     """(CPU microseconds per one-image DriftMonitor.observe, CPU milliseconds of a window's
     per-image numbers) over many windows, as a server feeds it."""
     from imgclf.drift.monitor import DriftMonitor
     from imgclf.drift.reference import image_signals
 
+    images, _, sizes = condition
     monitor = DriftMonitor(WINDOW)
     monitor.start(reference, "bench")
     n = 20 * WINDOW
-    singles = [(images[i % len(images)][None], probabilities[i % len(images)][None]) for i in range(n)]
+    singles = [
+        (images[i % len(images)][None], probabilities[i % len(images)][None], sizes[i % len(images)][None])
+        for i in range(n)
+    ]
     started = time.process_time()
-    for one, p in singles:
-        monitor.observe(one, p)
+    for one, p, size in singles:
+        monitor.observe(one, p, size)
     total = time.process_time() - started
     batch = images[np.arange(WINDOW) % len(images)]
     started = time.process_time()
     for _ in range(50):
-        image_signals(batch, probabilities[np.arange(WINDOW) % len(images)])
+        image_signals(
+            batch, probabilities[np.arange(WINDOW) % len(images)], sizes[np.arange(WINDOW) % len(images)]
+        )
     numbers = (time.process_time() - started) / 50
     return total / n * 1e6, numbers * 1e3
 
 
 def measure(pipeline: Path) -> tuple[list[dict], dict]:
-    from imgclf.data.normalized import load_split
+    from imgclf.data.normalized import load_sizes, load_split
     from imgclf.drift.monitor import WindowTest
     from imgclf.drift.reference import image_signals, read_reference
     from imgclf.runtime import inference_session, predict_probabilities
@@ -96,25 +110,26 @@ def measure(pipeline: Path) -> tuple[list[dict], dict]:
             f"{pipeline / 'models' / 'model.onnx'} has no drift reference: re-run its export stage"
         )
     images, labels = load_split(pipeline / "data" / "normalized", "test")
+    sizes = load_sizes(pipeline / "data" / "normalized", "test")
+    if sizes is None or "size" not in reference.distributions:
+        raise BenchError(f"{pipeline / 'data' / 'normalized'} has no sizes.npy: re-run its normalize stage")
     test = WindowTest(reference, WINDOW)
     rng = np.random.default_rng(SEED)
-    conditions = {"no shift": images, **shifts(images, labels, rng)}
+    conditions = {"no shift": (images, labels, sizes), **shifts(images, labels, sizes, rng)}
     rows, details = [], {"window": WINDOW, "windows": WINDOWS, "seed": SEED, "test_images": len(images)}
     details["reference"] = reference.summary()
     cpu_per_window = []
-    for name, shifted in conditions.items():
+    for name, (shifted, truth, uploaded) in conditions.items():
         probabilities = predict_probabilities(session, shifted)
-        values = image_signals(shifted, probabilities)
+        values = image_signals(shifted, probabilities, uploaded)
         rate, per_signal, cpu = alarm_rate(test, values, rng)
         cpu_per_window.append(cpu)
         if name == "no shift":
             rows.append(row("false alarms, no shift", rate, "", "<=", FALSE_ALARM_TARGET))
-            observe_us, numbers_ms = hand_over_cost(reference, shifted, probabilities)
+            observe_us, numbers_ms = hand_over_cost(reference, conditions[name], probabilities)
         else:
             rows.append(row(f"detection, {name}", rate, "", ">=", DETECTION_TARGET))
-        accuracy = None
-        if name != "classes 0-4 only":
-            accuracy = float((probabilities.argmax(1) == labels).mean())
+        accuracy = float((probabilities.argmax(1) == truth).mean())
         details[name] = {"alarm_rate": rate, "alarms_per_signal": per_signal, "accuracy": accuracy}
         print(f"{name}: alarms in {rate:.1%} of windows, per signal {per_signal}", flush=True)
     worst_ms = max(cpu_per_window) * 1e3

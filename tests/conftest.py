@@ -163,7 +163,11 @@ def export_model(digits_network: tuple, folder: Path, resize: str, reference_ima
     card = replace(card, input=replace(card.input, resize=resize))
     proto = to_onnx(model, example, card)
     if reference_images is not None:
-        reference = drift_reference(proto, reference_images)
+        import numpy as np
+
+        height, width = reference_images.shape[-2:]  # the digits as their files are: 8x8
+        sizes = np.tile([width, height], (len(reference_images), 1))
+        reference = drift_reference(proto, reference_images, sizes)
         proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(reference.to_json()))
     (folder / "model.onnx").write_bytes(proto.SerializeToString())
     sidecar = {

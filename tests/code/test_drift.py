@@ -12,6 +12,7 @@ from imgclf.drift.monitor import WindowTest
 from imgclf.drift.reference import (
     DISTRIBUTIONS,
     METADATA_KEY,
+    SIGNALS,
     Reference,
     build_reference,
     image_signals,
@@ -82,13 +83,54 @@ def test_window_test_alarms_only_on_the_signal_that_moved():
     assert test.test(fewer_classes)["class"].alarm
 
 
+def uploads(rng, n: int, landscape: float = 0.8, scale: float = 1.0) -> np.ndarray:
+    """(width, height) of n photos: about 640x480 or 480x640, `landscape` of them wide."""
+    long, short = rng.integers(600, 680, n) * scale, rng.integers(440, 520, n) * scale
+    wide = rng.random(n) < landscape
+    return np.stack([np.where(wide, long, short), np.where(wide, short, long)], axis=1).astype(int)
+
+
+def test_upload_size_and_aspect_alarm_on_their_own():
+    rng = np.random.default_rng(2)
+    probabilities = rng.dirichlet(np.full(10, 0.3), size=1200).astype(np.float32)
+    images = rng.integers(0, 256, size=(1200, 1, 8, 8), dtype=np.uint8)
+    reference = build_reference(images[:1000], probabilities[:1000], sizes=uploads(rng, 1000))
+    test = WindowTest(reference, 200)
+    assert test.signals[-2:] == ("size", "aspect") and test.signal_alpha == pytest.approx(0.01 / 8)
+    window = images[1000:], probabilities[1000:]
+
+    def alarmed(sizes) -> set[str]:
+        return {name for name, result in test.test(image_signals(*window, sizes)).items() if result.alarm}
+
+    assert alarmed(uploads(rng, 200)) == set()
+    assert alarmed(uploads(rng, 200, scale=0.5)) == {"size"}  # thumbnails instead of photos
+    assert alarmed(uploads(rng, 200, landscape=0.2)) == {"aspect"}  # phones held upright
+    # Images that came as tensors have no upload size: the other signals are tested, these are not.
+    assert set(test.test(image_signals(*window))) == set(SIGNALS) - {"size", "aspect"}
+
+
+def test_a_reference_without_sizes_tests_the_other_signals_only():
+    rng = np.random.default_rng(3)
+    probabilities = rng.dirichlet(np.ones(10), size=400).astype(np.float32)
+    images = rng.integers(0, 256, size=(400, 1, 8, 8), dtype=np.uint8)
+    reference = build_reference(images, probabilities)  # data normalized before sizes.npy
+    again = Reference.from_json(json.loads(json.dumps(reference.to_json())))
+    assert "size" not in again.distributions and again.signals == SIGNALS[:-2]
+    test = WindowTest(again, 200)
+    assert test.signal_alpha == pytest.approx(0.01 / 6)
+    assert set(test.test(image_signals(images[:200], probabilities[:200], uploads(rng, 200)))) == set(
+        SIGNALS[:-2]
+    )
+
+
 def test_reference_round_trips_and_rounds(digits_splits):
     images = digits_splits["test"][0]
     rng = np.random.default_rng(1)
     probabilities = rng.dirichlet(np.ones(10), size=len(images)).astype(np.float32)
-    reference = build_reference(images, probabilities)
+    reference = build_reference(images, probabilities, sizes=uploads(rng, len(images)))
     again = Reference.from_json(json.loads(json.dumps(reference.to_json())))
     assert again.class_counts == reference.class_counts and sum(again.class_counts) == len(images)
+    assert again.signals == SIGNALS
     for name in DISTRIBUTIONS:
         values = again.distributions[name]
         assert np.array_equal(values, reference.distributions[name])
@@ -107,6 +149,7 @@ def test_export_stores_the_validation_reference_in_the_onnx_file(monitored_model
     assert sum(reference.class_counts) == len(val_images)
     brightness = np.sort(np.round(val_images.reshape(len(val_images), -1).mean(1), 4))
     assert np.array_equal(reference.distributions["brightness"], brightness)
+    assert set(reference.distributions["size"]) == {8.0} and set(reference.distributions["aspect"]) == {1.0}
 
 
 def test_the_reference_keeps_export_deterministic(digits_network, digits_dirs, tmp_path):

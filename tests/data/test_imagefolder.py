@@ -23,7 +23,7 @@ from imgclf.config.pipeline import ImageFolderData
 from imgclf.data.archives import ArchiveError
 from imgclf.data.download import MANIFEST, download
 from imgclf.data.normalize import normalize
-from imgclf.data.normalized import SPLITS, load_card, load_split
+from imgclf.data.normalized import SPLITS, load_card, load_sizes, load_split
 from imgclf.data.sources.imagefolder import decode_folder
 from imgclf.errors import ConfigError, ImgclfError
 from tests.conftest import REPO, data_config, tool_env
@@ -160,6 +160,17 @@ def test_local_folder_downloads_and_normalizes(tmp_path, tree, data):
     assert report["source"]["modes"] == {"P": 15, "RGB": 30, "RGBA": 15}
     assert report["source"]["width"] == {"min": 6, "median": 8.0, "max": 10}
     assert report["source"]["height"]["max"] == 11
+    # Each image's size as its file was, beside its pixels: the drift reference's size and aspect.
+    sizes = np.concatenate([load_sizes(normalized, split) for split in SPLITS])
+    assert sizes.dtype == np.int32 and sizes.shape == (3 * PER_CLASS, 2)
+    assert [sizes[:, 0].min(), float(np.median(sizes[:, 0])), sizes[:, 0].max()] == [6, 8.0, 10]
+    assert sizes[:, 1].max() == 11
+    for split in SPLITS:  # row for row with the pixels: image i is (6 + i % 5, 5 + i % 7), grey 40 + i
+        images, _ = load_split(normalized, split)
+        i = np.rint(images.mean(axis=(2, 3)).min(axis=1)).astype(int) - 40
+        lossless = i % 4 != 3  # JPEG moves the grey a little
+        expected = np.stack([6 + i % 5, 5 + i % 7], axis=1)
+        assert np.array_equal(load_sizes(normalized, split)[lossless], expected[lossless])
     assert report["class_counts"]["train"]["cats"] + report["class_counts"]["val"]["cats"] == 17
     assert report["duplicates_across_splits"] == {"train-val": 0, "train-test": 0, "val-test": 0}
 

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from imgclf.drift.reference import SIGNALS
 from imgclf.serving.app import create_app
 from imgclf.serving.model import ServedModel
-from tests.serving.conftest import TOKEN, grey_png, running_server
+from tests.serving.conftest import TOKEN, encode, grey_png, running_server
 
 WINDOW = 100
 PER_REQUEST = 20
@@ -80,6 +80,39 @@ def test_in_distribution_traffic_raises_no_alarm_then_inverted_digits_do(monitor
 
     send(client, test_images[2 * WINDOW - 70 : 2 * WINDOW + 30])  # back to normal: the alarm clears
     assert client.get("/v1/monitor").json()["status"] == "no drift"
+
+
+def send_resized(client: httpx.Client, images: np.ndarray, width: int, height: int) -> None:
+    """The images as greyscale PNG uploads of width x height (nearest-neighbour), one per request."""
+    from PIL import Image
+
+    for i, pixels in enumerate(images):
+        image = Image.fromarray(pixels.reshape(pixels.shape[-2:])).resize(
+            (width, height), Image.Resampling.NEAREST
+        )
+        png = encode(image)
+        response = client.post("/v1/predict", files=[("file", (f"{i}.png", png, "image/png"))])
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "moved", "kept"), [(32, 32, "size", "aspect"), (16, 4, "aspect", "size")]
+)
+def test_the_uploads_size_and_aspect_before_resizing_are_watched(
+    monitored_model_path, digits_splits, width, height, moved, kept
+):
+    """The reference's uploads are 8x8: larger photos of the same digits, or wider ones of the same
+    area, alarm on the upload's size or aspect ratio, named as such."""
+    model = ServedModel.load(str(monitored_model_path), threads=1)
+    with (
+        running_server(create_app(model, monitor_window=WINDOW)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        send_resized(client, digits_splits["test"][0][:WINDOW], width, height)
+        state = client.get("/v1/monitor").json()
+    assert state["windows_total"] == 1 and state["signals"][moved]["alarm"], state["signals"]
+    assert not state["signals"][kept]["alarm"]
+    assert moved in {entry["signal"] for entry in state["drift"]}
 
 
 def test_low_confidence_histogram_on_metrics(monitored, digits_splits):

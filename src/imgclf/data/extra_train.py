@@ -72,6 +72,7 @@ class ExtraTrain:
     labels: np.ndarray
     counts: dict[str, dict[str, int]]
     bad_files: tuple[dict[str, str], ...]
+    sizes: np.ndarray  # int32 (N, 2): each image's (width, height) before resizing
 
 
 def read_extra_train(config: DataConfig, raw: RawDataset, raw_dir: Path, scratch: Path) -> ExtraTrain:
@@ -106,12 +107,12 @@ def read_extra_train(config: DataConfig, raw: RawDataset, raw_dir: Path, scratch
         files += [(path, index[name], folder, copied) for name, paths in classes.items() for path in paths]
     if not files:
         empty = np.empty((0, *spec.shape), dtype=np.uint8)
-        return ExtraTrain(empty, np.empty(0, dtype=np.int64), counts, ())
+        return ExtraTrain(empty, np.empty(0, dtype=np.int64), counts, (), np.empty((0, 2), dtype=np.int32))
     workers = getattr(config, "workers", 0) or os.cpu_count() or 1
     if len(files) <= MAX_CHUNK:
         workers = 1  # a few captured images: starting decode processes would cost more than it saves
     max_pixels = getattr(config, "max_image_pixels", MAX_PIXELS)
-    labels, bad = [], []
+    labels, bad, sizes = [], [], []
     pixels_path = scratch / "extra_train.u8"
     results = decoded([path for path, *_ in files], spec, max_pixels, workers)
     with closing(results), pixels_path.open("wb") as out:
@@ -123,6 +124,7 @@ def read_extra_train(config: DataConfig, raw: RawDataset, raw_dir: Path, scratch
                 continue
             out.write(result[0].data)
             labels.append(label)
+            sizes.append((result[1].width, result[1].height))
     if bad and getattr(config, "on_bad_image", "skip") == "fail":
         shown = "; ".join(f"{b['path']}: {b['reason']}" for b in bad[:20])
         raise ImgclfError(f"{len(bad)} bad image(s) in data.extra_train (data.on_bad_image=fail): {shown}")
@@ -131,4 +133,5 @@ def read_extra_train(config: DataConfig, raw: RawDataset, raw_dir: Path, scratch
         images = np.memmap(pixels_path, dtype=np.uint8, mode="r", shape=(len(labels), *spec.shape))
     else:
         images = np.empty((0, *spec.shape), dtype=np.uint8)
-    return ExtraTrain(images, np.array(labels, dtype=np.int64), counts, tuple(bad))
+    sizes = np.array(sizes, dtype=np.int32).reshape(-1, 2)
+    return ExtraTrain(images, np.array(labels, dtype=np.int64), counts, tuple(bad), sizes)

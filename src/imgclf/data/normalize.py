@@ -23,7 +23,7 @@ import numpy as np
 from imgclf.card import InputSpec, ModelCard, Normalization
 from imgclf.config.pipeline import DataConfig
 from imgclf.data.extra_train import ExtraTrain, read_extra_train
-from imgclf.data.normalized import CARD, REPORT, SPLITS
+from imgclf.data.normalized import CARD, REPORT, SIZES, SPLITS
 from imgclf.data.sources import RawDataset, get_source, source_summary
 from imgclf.errors import ImgclfError
 from imgclf.fileio import atomic_dir, save_array, write_json
@@ -202,15 +202,17 @@ def write_split(
     stats: ChannelStats | None = None,
     extra: ExtraTrain | None = None,
 ) -> WrittenSplit:
-    """raw's images and labels at `idx`, then `extra`'s, into folder/images.npy and labels.npy, a
-    chunk at a time; `stats` sees every image written."""
+    """raw's images, labels and source sizes at `idx`, then `extra`'s, into folder/images.npy,
+    labels.npy and sizes.npy, a chunk at a time; `stats` sees every image written."""
     folder.mkdir()
     path = folder / "images.npy"
     parts = [(raw.images, idx)]
     labels = raw.labels[idx].astype(np.int64)
+    sizes = raw.source_sizes(idx)
     if extra is not None and len(extra.labels):
         parts.append((extra.images, np.arange(len(extra.labels))))
         labels = np.concatenate([labels, extra.labels])
+        sizes = np.concatenate([sizes, extra.sizes])
     # open_memmap writes the .npy header and sizes the file; rows then go in by plain writes, as
     # pages written through a mapping stay in this process's RSS until it is unmapped.
     shape = (len(labels), *raw.images.shape[1:])
@@ -227,6 +229,7 @@ def write_split(
                 if stats is not None:
                     stats.update(rows)
     save_array(folder / "labels.npy", labels)
+    save_array(folder / SIZES, sizes)
     return written
 
 

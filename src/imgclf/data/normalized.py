@@ -3,6 +3,8 @@
 Layout:
     <split>/images.npy   uint8 (N, C, H, W), split in train, val, test
     <split>/labels.npy   int64 (N,)
+    <split>/sizes.npy    int32 (N, 2): each image's (width, height) as its file was, before
+                         resizing (the drift reference's upload size and aspect ratio)
     card.json            the model card: classes (index = label), input spec (mode, size and how
                          other sizes are fitted), normalisation (per-channel mean and std of the
                          train split, in pixel units); imgclf.card.ModelCard
@@ -22,6 +24,7 @@ from imgclf.fileio import read_json
 
 SPLITS = ("train", "val", "test")
 CARD, REPORT = "card.json", "report.json"
+SIZES = "sizes.npy"
 
 
 def load_split(data_dir: Path, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -30,6 +33,12 @@ def load_split(data_dir: Path, split: str, mmap: bool = False) -> tuple[np.ndarr
     images = np.load(data_dir / split / "images.npy", mmap_mode=mode, allow_pickle=False)
     labels = np.load(data_dir / split / "labels.npy", allow_pickle=False)
     return images, labels
+
+
+def load_sizes(data_dir: Path, split: str) -> np.ndarray | None:
+    """Each image's (width, height) before resizing; None for data normalized without them."""
+    path = data_dir / split / SIZES
+    return np.load(path, allow_pickle=False) if path.is_file() else None
 
 
 def load_card(data_dir: Path) -> ModelCard:

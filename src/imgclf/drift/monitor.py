@@ -2,10 +2,11 @@
 
 Per window: the predicted classes by a chi-square test of homogeneity against the reference's
 class counts (classes the reference expects fewer than MIN_EXPECTED times in a window are pooled
-into one bin, as the chi-square approximation needs), and top-1 confidence, brightness, contrast
-and the intensity centroid (x and y) by two-sample Kolmogorov-Smirnov tests against the
-reference's values. A signal alarms
-when its p-value is below alpha / (number of signals): with alpha = ALPHA = 0.01, a window of
+into one bin, as the chi-square approximation needs), and top-1 confidence, brightness, contrast,
+the intensity centroid (x and y) and the uploads' size and aspect ratio by two-sample
+Kolmogorov-Smirnov tests against the reference's values (size and aspect over the window's images
+that came as files: a window of tensors only does not test them). A signal alarms when its p-value
+is below alpha / (number of signals the reference has): with alpha = ALPHA = 0.01, a window of
 traffic like the reference raises any alarm with probability at most 1 % (Bonferroni bounds the
 family-wise rate; the KS tests on tied values are conservative, so the rate measured is lower).
 
@@ -24,7 +25,6 @@ import numpy as np
 
 from imgclf.drift.reference import (
     DECIMALS,
-    DISTRIBUTIONS,
     SIGNALS,
     STATISTIC_PIXELS,
     Reference,
@@ -58,7 +58,8 @@ class WindowTest:
         self.reference = reference
         self.window = window
         self.alpha = alpha
-        self.signal_alpha = alpha / len(SIGNALS)
+        self.signals = reference.signals
+        self.signal_alpha = alpha / len(self.signals)
         counts = np.asarray(reference.class_counts, dtype=float)
         expected = window * counts / max(counts.sum(), 1)
         # Classes expected often enough keep a bin each; the others share the last bin.
@@ -74,13 +75,20 @@ class WindowTest:
         known = classes[(classes >= 0) & (classes < len(self.bin_of_class))]
         observed = np.bincount(self.bin_of_class[known], minlength=self.n_bins)
         results = {"class": self._result(*chi2_homogeneity(self.reference_bins, observed))}
-        for name in DISTRIBUTIONS:
-            sample = np.round(np.asarray(values[name], dtype=float), DECIMALS)
-            results[name] = self._result(*ks_2samp(self.reference.distributions[name], sample))
+        for name in self.signals[1:]:
+            sample = np.asarray(values[name], dtype=float)
+            sample = np.round(sample[~np.isnan(sample)], DECIMALS)  # NaN: an upload size unknown
+            if len(sample):
+                results[name] = self._result(*ks_2samp(self.reference.distributions[name], sample))
         return results
 
     def _result(self, statistic: float, p_value: float) -> SignalResult:
         return SignalResult(statistic, p_value, p_value < self.signal_alpha)
+
+
+def _sizes(sizes: np.ndarray | None, n: int) -> np.ndarray:
+    """(N, 2) sizes; zeros (unknown) for images that came without."""
+    return np.zeros((n, 2)) if sizes is None else np.asarray(sizes, dtype=np.float64).reshape(n, 2)
 
 
 def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -125,15 +133,16 @@ class DriftMonitor:
     def active(self) -> bool:
         return self._test is not None
 
-    def observe(self, images: np.ndarray, probabilities: np.ndarray) -> None:
-        """One request's uint8 images (N, C, H, W) and probabilities (N, classes)."""
+    def observe(self, images: np.ndarray, probabilities: np.ndarray, sizes: np.ndarray | None = None) -> None:
+        """One request's uint8 images (N, C, H, W), probabilities (N, classes) and the images'
+        (width, height) as uploaded (N, 2), None if they came as tensors."""
         test = self._test
         if test is None:
             return
         # Small images are kept as they are (an append) and measured a window at a time; large
         # ones are measured now, so a window holds numbers rather than megabytes of pixels.
         small = images.shape[-1] * images.shape[-2] <= STATISTIC_PIXELS
-        entry = (images, probabilities) if small else image_signals(images, probabilities)
+        entry = (images, probabilities, sizes) if small else image_signals(images, probabilities, sizes)
         with self._lock:
             if test is not self._test:
                 return  # a start() came in between: these belong to the old model
@@ -150,7 +159,8 @@ class DriftMonitor:
         if raw:
             images = np.concatenate([entry[0] for entry in raw])
             probabilities = np.concatenate([entry[1] for entry in raw])
-            parts.append(image_signals(images, probabilities))
+            sizes = np.concatenate([_sizes(entry[2], len(entry[0])) for entry in raw])
+            parts.append(image_signals(images, probabilities, sizes))
         values = concatenate(parts)
         n = len(values["class"])
         full = n // self.window
@@ -205,7 +215,7 @@ class DriftMonitor:
             "status": status,
             "window": self.window,
             "alpha": self.alpha,
-            "signal_alpha": self.alpha / len(SIGNALS),
+            "signal_alpha": self.alpha / len(self.reference.signals if self.reference else SIGNALS),
             "images_in_window": self._count,
             "windows_total": self.windows_total,
             "signals": {

@@ -12,9 +12,11 @@ Per image, from its uint8 pixels and the model's probabilities, and for nothing 
 - `contrast`: the standard deviation of the pixel values;
 - `centroid_x`, `centroid_y`: where the image's intensity lies, its centre of mass as a fraction
   of the width and height (0.5: the middle): framing and shifts that leave the pixel values'
-  spread unchanged move it.
-The uploaded image's size and aspect ratio before resizing are not among them: data/normalized
-keeps no per-image source size (its report has a min/median/max only), so no reference has them.
+  spread unchanged move it;
+- `size`, `aspect`: the uploaded image before resizing (as displayed, EXIF orientation applied):
+  the side of a square of its area, sqrt(width x height) in pixels, and width / height. They come
+  from data/normalized's `sizes.npy`; a split normalized without one gives a reference without
+  them, and an image that comes as a tensor rather than a file (no upload size) adds nothing to them.
 
 Values are rounded to DECIMALS, so that identical training gives an identical model.onnx on CPUs
 whose kernels differ in the last bits, and the monitor rounds what it sees the same way. At most
@@ -31,7 +33,8 @@ METADATA_KEY = "imgclf.reference"  # the ONNX metadata key, beside imgclf.card
 FORMAT = 1
 DECIMALS = 4
 MAX_VALUES = 1000
-DISTRIBUTIONS = ("confidence", "brightness", "contrast", "centroid_x", "centroid_y")  # KS-tested
+UPLOAD_SIGNALS = ("size", "aspect")  # the source image's, before resizing: NaN when unknown
+DISTRIBUTIONS = ("confidence", "brightness", "contrast", "centroid_x", "centroid_y", *UPLOAD_SIGNALS)
 SIGNALS = ("class", *DISTRIBUTIONS)
 # Per-image input statistics look at no more than about this many pixels: a fixed stride over
 # a larger image, the same in the reference and the server, so a 224x224 RGB image costs what a
@@ -50,13 +53,18 @@ class Reference:
     class_counts: tuple[int, ...]  # per class index
     distributions: dict[str, np.ndarray]  # signal -> sorted values (at most MAX_VALUES)
 
+    @property
+    def signals(self) -> tuple[str, ...]:
+        """The signals this reference can test, in SIGNALS' order."""
+        return tuple(name for name in SIGNALS if name == "class" or name in self.distributions)
+
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
             "split": self.split,
             "images": self.images,
             "class_counts": list(self.class_counts),
-            "distributions": {name: self.distributions[name].tolist() for name in DISTRIBUTIONS},
+            "distributions": {name: values.tolist() for name, values in self.distributions.items()},
         }
 
     @classmethod
@@ -64,8 +72,11 @@ class Reference:
         try:
             if data["format"] != FORMAT:
                 raise ReferenceError(f"reference format {data['format']!r}, this imgclf reads {FORMAT}")
+            stored = data["distributions"]
+            required = [name for name in DISTRIBUTIONS if name not in UPLOAD_SIGNALS]
             distributions = {
-                name: np.asarray(data["distributions"][name], dtype=float) for name in DISTRIBUTIONS
+                name: np.asarray(stored[name], dtype=float)
+                for name in (*required, *(name for name in UPLOAD_SIGNALS if name in stored))
             }
             counts = tuple(int(c) for c in data["class_counts"])
             return cls(str(data["split"]), int(data["images"]), counts, distributions)
@@ -123,26 +134,48 @@ def input_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def image_signals(images: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:
-    """Each signal's per-image values for a batch: what the reference and the monitor both use."""
+def upload_statistics(sizes: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
+    """`size` and `aspect` of n images from their (width, height) before resizing, (n, 2); NaN for
+    an image whose size is unknown (a row of zeros, or no `sizes` at all)."""
+    if sizes is None:
+        return {name: np.full(n, np.nan) for name in UPLOAD_SIGNALS}
+    width, height = np.asarray(sizes, dtype=np.float64).reshape(n, 2).T
+    known = (width > 0) & (height > 0)
+    return {
+        "size": np.where(known, np.sqrt(width * height), np.nan),
+        "aspect": np.where(known, width / np.where(known, height, 1.0), np.nan),
+    }
+
+
+def image_signals(
+    images: np.ndarray, probabilities: np.ndarray, sizes: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Each signal's per-image values for a batch: what the reference and the monitor both use.
+    sizes: each image's (width, height) as uploaded, (N, 2); None when they came as tensors."""
     return {
         "class": probabilities.argmax(axis=1),
         "confidence": probabilities.max(axis=1).astype(np.float64),
         **input_statistics(images),
+        **upload_statistics(sizes, len(images)),
     }
 
 
-def build_reference(images: np.ndarray, probabilities: np.ndarray, split: str = "val") -> Reference:
-    """The reference from a held-out split's uint8 images and the exported model's probabilities."""
-    values = image_signals(images, probabilities)
+def build_reference(
+    images: np.ndarray, probabilities: np.ndarray, split: str = "val", sizes: np.ndarray | None = None
+) -> Reference:
+    """The reference from a held-out split's uint8 images and the exported model's probabilities,
+    with the images' (width, height) before resizing when the split records them."""
+    values = image_signals(images, probabilities, sizes)
     n_classes = probabilities.shape[1]
     counts = np.bincount(values["class"], minlength=n_classes)
-    distributions = {name: _stored(values[name]) for name in DISTRIBUTIONS}
+    known_sizes = not np.isnan(values["size"]).all()
+    stored = [name for name in DISTRIBUTIONS if name not in UPLOAD_SIGNALS or known_sizes]
+    distributions = {name: _stored(values[name]) for name in stored}
     return Reference(split, len(images), tuple(int(c) for c in counts), distributions)
 
 
 def _stored(values: np.ndarray) -> np.ndarray:
-    ordered = np.sort(np.round(values, DECIMALS))
+    ordered = np.sort(np.round(values[~np.isnan(values)], DECIMALS))
     if len(ordered) > MAX_VALUES:
         ranks = ((np.arange(MAX_VALUES) + 0.5) * len(ordered) / MAX_VALUES).astype(int)
         ordered = ordered[ranks]

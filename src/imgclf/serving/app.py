@@ -368,10 +368,12 @@ class Classifier:
     ) -> list[dict]:
         """Decode (each in one of the decode slots, or all in `slots`, held already; max_pixels
         below the server's for a decode that must stay small) and classify."""
-        images = []
+        images, sizes = [], []
         for upload in uploads:
             with slots or self.decode_slots, _bad_image_is_400(upload.name):
-                images.append(model.preprocess(upload.data, max_pixels))
+                pixels, source = model.decode(upload.data, max_pixels)
+            images.append(pixels)
+            sizes.append((source.width, source.height))  # as uploaded: the drift monitor's size, aspect
         # One image needs no copy: its (1, C, H, W) view is contiguous as the session wants it.
         batch = images[0][None] if len(images) == 1 else np.stack(images)
         probabilities = model.predict(batch)
@@ -381,7 +383,7 @@ class Classifier:
             self.metrics.predicted(answer["label"])
         self.metrics.confidences(probabilities)
         if self.monitor is not None:
-            self.monitor.observe(model, batch, probabilities)
+            self.monitor.observe(model, batch, probabilities, np.array(sizes))
         if self.capture is not None:
             self.capture.offer(model, uploads, probabilities)
         return answers

@@ -22,7 +22,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from imgclf.card import ModelCard
 from imgclf.errors import ImgclfError
-from imgclf.images import MAX_PIXELS, decode_image
+from imgclf.images import MAX_PIXELS, SourceInfo, decode_image, decode_image_with_info
 from imgclf.runtime import inference_session
 from imgclf.serving.cache import CacheUnwritable, VersionCache
 from imgclf.serving.registry_reader import RegistryReadError, VersionRecord, registry_reader
@@ -78,6 +78,12 @@ class ServedModel:
         """An image file (bytes or path) -> uint8 (C, H, W) for this model; BadImage if it cannot be,
         or if it holds more than max_pixels (default: the server's limit)."""
         return decode_image(data, self.card.input, max_pixels or self.max_pixels)
+
+    def decode(
+        self, data: bytes | str | os.PathLike, max_pixels: int | None = None
+    ) -> tuple[np.ndarray, SourceInfo]:
+        """`preprocess`, and what the file was: its mode and its size as displayed, before resizing."""
+        return decode_image_with_info(data, self.card.input, max_pixels or self.max_pixels)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, C, H, W) -> float32 probabilities (N, classes)."""

@@ -32,14 +32,21 @@ class ServingMonitor:
         self._model: ServedModel | None = None
         self._switching = threading.Lock()
 
-    def observe(self, model: ServedModel, images: np.ndarray, probabilities: np.ndarray) -> None:
-        """What `model` answered for one request: uint8 images (N, C, H, W), probabilities (N, K)."""
+    def observe(
+        self,
+        model: ServedModel,
+        images: np.ndarray,
+        probabilities: np.ndarray,
+        sizes: np.ndarray | None = None,
+    ) -> None:
+        """What `model` answered for one request: uint8 images (N, C, H, W), probabilities (N, K),
+        and the images' (width, height) as uploaded (N, 2), None for tensors sent as they are."""
         drift = self.drift
         if drift is None:
             return
         if model is not self._model:
             self._switch(model)
-        drift.observe(images, probabilities)
+        drift.observe(images, probabilities, sizes)
 
     def _switch(self, model: ServedModel) -> None:
         with self._switching:

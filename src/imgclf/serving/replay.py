@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.drift.monitor import ALPHA, WindowTest, concatenate, take
+from imgclf.drift.monitor import ALPHA, SignalResult, WindowTest, concatenate, take
 from imgclf.drift.reference import SIGNALS, Reference, ReferenceError, image_signals, read_reference
 from imgclf.errors import ImgclfError
-from imgclf.images import BadImage
+from imgclf.images import BadImage, SourceInfo
 from imgclf.serving.model import ServedModel
 from imgclf.serving.predict import BATCH, image_files
 
@@ -37,6 +37,7 @@ class Replayed:
     skipped: list[tuple[str, str]]  # (file, why)
     untested: int  # images after the last window tested
     signal_alpha: float
+    signals: tuple[str, ...]  # the signals the reference tests, in SIGNALS' order
 
 
 def model_reference(model: ServedModel) -> Reference:
@@ -91,13 +92,13 @@ def manifest_files(manifest: Path) -> list[str]:
 def replay(model: ServedModel, paths: list[str], window: int, alpha: float = ALPHA) -> Replayed:
     reference = model_reference(model)
     test = WindowTest(reference, window, alpha)
-    parts, skipped, batch = [], [], []
+    parts, skipped, batch = [], [], []  # batch: (pixels, source info) of decoded files
     for entry in input_files(paths):
         if isinstance(entry, tuple):
             skipped.append(entry)
             continue
         try:
-            batch.append(model.preprocess(entry))
+            batch.append(model.decode(entry))
         except (BadImage, OSError) as error:
             skipped.append((entry, str(error)))
             continue
@@ -126,24 +127,29 @@ def replay(model: ServedModel, paths: list[str], window: int, alpha: float = ALP
             }
         )
         start = stop
-    return Replayed(windows, n, skipped, n - start, test.signal_alpha)
+    return Replayed(windows, n, skipped, n - start, test.signal_alpha, test.signals)
 
 
-def _signals(model: ServedModel, images: list[np.ndarray]) -> dict[str, np.ndarray]:
-    batch = np.stack(images)
-    return image_signals(batch, model.predict(batch))
+def _signals(model: ServedModel, decoded: list[tuple[np.ndarray, SourceInfo]]) -> dict[str, np.ndarray]:
+    batch = np.stack([pixels for pixels, _ in decoded])
+    sizes = np.array([(source.width, source.height) for _, source in decoded])
+    return image_signals(batch, model.predict(batch), sizes)
 
 
 def table(replayed: Replayed) -> str:
-    header = ["window", "images", *(f"p({name})" for name in SIGNALS), "alarm"]
+    header = ["window", "images", *(f"p({name})" for name in replayed.signals), "alarm"]
     rows = [header]
     for w in replayed.windows:
         alarmed = [name for name, r in w["signals"].items() if r.alarm]
         cells = [str(w["window"]), str(w["images"])]
-        cells += [f"{w['signals'][name].p_value:.3g}" for name in SIGNALS]
+        cells += [_p_value(w["signals"].get(name)) for name in replayed.signals]
         rows.append([*cells, ", ".join(alarmed) or "-"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _p_value(result: SignalResult | None) -> str:
+    return "-" if result is None else f"{result.p_value:.3g}"  # None: no image came with its size
 
 
 def plot(replayed: Replayed, path: Path, title: str) -> None:
@@ -155,10 +161,9 @@ def plot(replayed: Replayed, path: Path, title: str) -> None:
     fig, axes = plt.subplots(figsize=(8, 4))
     x = [w["window"] for w in replayed.windows]
     floor = 1e-20  # smaller p-values are drawn at the floor: the alarm is what matters
-    for name in SIGNALS:
-        axes.plot(
-            x, [max(w["signals"][name].p_value, floor) for w in replayed.windows], marker="o", label=name
-        )
+    for name in replayed.signals:
+        p_values = [w["signals"][name].p_value if name in w["signals"] else np.nan for w in replayed.windows]
+        axes.plot(x, np.maximum(p_values, floor), marker="o", label=name)
     threshold = replayed.signal_alpha
     axes.axhline(threshold, color="red", linestyle="--", label=f"alarm below {threshold:.2g}")
     axes.set(xlabel="window", ylabel="p-value (floored at 1e-20)", yscale="log", title=title)

@@ -24,7 +24,7 @@ from torch import nn
 
 from imgclf.card import ModelCard
 from imgclf.config.pipeline import PipelineConfig
-from imgclf.data.normalized import load_split
+from imgclf.data.normalized import load_sizes, load_split
 from imgclf.drift.reference import METADATA_KEY as REFERENCE_METADATA
 from imgclf.drift.reference import Reference, build_reference
 from imgclf.errors import ImgclfError
@@ -127,10 +127,13 @@ def check_parity(model: Probabilities, proto: onnx.ModelProto, images: np.ndarra
     }
 
 
-def drift_reference(proto: onnx.ModelProto, images: np.ndarray, split: str = "val") -> Reference:
-    """The drift reference: what ONNX Runtime, running the exported graph, does on a held-out split."""
+def drift_reference(
+    proto: onnx.ModelProto, images: np.ndarray, sizes: np.ndarray | None = None, split: str = "val"
+) -> Reference:
+    """The drift reference: what ONNX Runtime, running the exported graph, does on a held-out split
+    (with the split's image sizes before resizing, when data/normalized records them)."""
     session = inference_session(proto.SerializeToString())
-    return build_reference(images, predict_probabilities(session, images), split)
+    return build_reference(images, predict_probabilities(session, images), split, sizes)
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, r
             f"{parity['parity_max_abs_diff']:.2e} (limit {PARITY_ATOL:.0e}), "
             f"{parity['parity_argmax_mismatches']} argmax mismatches"
         )
-    reference = drift_reference(proto, load_split(paths.data, "val")[0])
+    reference = drift_reference(proto, load_split(paths.data, "val")[0], load_sizes(paths.data, "val"))
     proto.metadata_props.add(key=REFERENCE_METADATA, value=json.dumps(reference.to_json()))
     model_bytes = proto.SerializeToString()
     lineage = run.result()["lineage"]

@@ -34,6 +34,15 @@ class RawDataset:
     # How an image of another size is fitted to these arrays when served. Published sets come at
     # their own size, so "stretch"; the imagefolder reader sets it from `data.resize`.
     resize: Literal["stretch", "crop"] = "stretch"
+    # Each image's (width, height) as its file was (N, 2), before resizing; None: the arrays' own.
+    sizes: np.ndarray | None = None
+
+    def source_sizes(self, idx: np.ndarray) -> np.ndarray:
+        """(width, height) before resizing of the images at idx, (len(idx), 2) int32."""
+        if self.sizes is not None:
+            return np.asarray(self.sizes, dtype=np.int32)[idx]
+        height, width = self.images.shape[-2:]
+        return np.tile(np.array([width, height], dtype=np.int32), (len(idx), 1))
 
 
 Fetcher = Callable[[DataConfig, Path], None]  # (config, empty target folder)

@@ -220,6 +220,7 @@ def decode_folder(config: ImageFolderData, raw_dir: Path, scratch: Path) -> RawD
         source=source,
         bad_files=tuple(bad),
         resize=config.resize,
+        sizes=np.array(sizes, dtype=np.int32),
     )
 
 
