@@ -248,14 +248,14 @@ def test_decodes_in_flight_are_bounded_across_requests(served_model, digits_spli
     class SlowDecodes(ServedModel):
         """Counts the decodes in flight; each lasts long enough for the others to overlap it."""
 
-        def preprocess(self, data, max_pixels=None):
+        def decode(self, data, max_pixels=None):
             with lock:
                 decoding["now"] += 1
                 decoding["most"] = max(decoding["most"], decoding["now"])
             time.sleep(0.05)
             with lock:
                 decoding["now"] -= 1
-            return super().preprocess(data, max_pixels)
+            return super().decode(data, max_pixels)
 
     slow = SlowDecodes(**{f.name: getattr(served_model, f.name) for f in dataclasses.fields(served_model)})
     # Above the fast path's inline limit, so decoded in the thread pool, where requests overlap.
