@@ -17,3 +17,13 @@ contracts in pyproject.toml, checked by `make lint`):
   (atomic writes). These import no torch, lightning or mlflow.
 - supervisor.py, beside them: runs the make targets' servers so that stopping one leaves no process.
 """
+
+import os
+
+# Dependencies' usage reporting is off unless the user set the variable: here, because every entry
+# point (the CLI, each stage, the tracking worker it spawns) imports this package before
+# onnxruntime or mlflow, and ONNX Runtime reads its switch once, when it is imported. Left on,
+# ONNX Runtime writes a device id and a usage database under ~/.cache/Microsoft and a `.ses` file
+# in the temporary folder, and MLflow an installation id in ~/.config/mlflow, and both upload.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -3,13 +3,18 @@
 `dvc plots` draws the CSVs itself; these PNGs are for the MLflow run and for a quick look.
 """
 
+import os
 from pathlib import Path
 
 from imgclf.fileio import atomic_path
 
 
 def pyplot():
-    """matplotlib's pyplot, drawing to files only."""
+    """matplotlib's pyplot, drawing to files only. Its font cache goes to imgclf's cache folder
+    ($XDG_CACHE_HOME/imgclf/matplotlib, else ~/.cache/imgclf/matplotlib) unless MPLCONFIGDIR says
+    otherwise, rather than into ~/.cache/matplotlib and ~/.config/matplotlib."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgclf" / "matplotlib"
+    os.environ.setdefault("MPLCONFIGDIR", str(cache))
     import matplotlib
 
     matplotlib.use("Agg")
