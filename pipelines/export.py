@@ -17,10 +17,16 @@ def main() -> None:
         from imgclf.stages.export import ExportPaths, export
 
         _, parity = export(config, ExportPaths(**vars(paths)), tracker)
-    print(
+    line = (
         f"export: {paths.onnx}, parity max |Δp| {parity['parity_max_abs_diff']:.1e} "
         f"on {parity['parity_n']} test images"
     )
+    if "int8_agreement" in parity:
+        line += (
+            f"; int8 agrees with float32 on {parity['int8_agreement']:.2%}, "
+            f"|Δp| max {parity['int8_max_abs_diff']:.1e}, mean {parity['int8_mean_abs_diff']:.1e}"
+        )
+    print(line)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ writes it into the ONNX file's `imgclf.card` metadata and into models/model.json
 serve read it back from the ONNX file. Each form is `ModelCard.to_json()`; each reader is
 `ModelCard.from_json()`, which refuses a record that is not exactly one.
 
+The export stage adds how the file computes (`Quantization`): float32 throughout, or int8.
+The cards of normalize and train have none: no file has been made from them yet.
+
 Plain Python (no numpy, no torch): the inference path imports this module.
 """
 
@@ -101,13 +104,68 @@ class Normalization:
         return cls(data["mean"], data["std"])
 
 
+SCHEMES = ("none", "int8")
+INT8_WEIGHTS = "int8 per channel"  # symmetric, one scale per output channel of each Conv and Gemm
+INT8_ACTIVATIONS = ("uint8", "int8")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How an exported graph computes: "none", float32 throughout; "int8", ONNX Runtime's static
+    QDQ quantization (imgclf.stages.quantize): int8 weights, 8-bit activations whose scales come
+    from `calibration_images` training images."""
+
+    scheme: Literal["none", "int8"]
+    weights: str = "float32"
+    activations: str = "float32"
+    calibration_images: int = 0
+
+    def __post_init__(self):
+        if self.scheme == "none":
+            valid = (self.weights, self.activations, self.calibration_images) == ("float32", "float32", 0)
+        elif self.scheme == "int8":
+            count = self.calibration_images
+            valid = (
+                self.weights == INT8_WEIGHTS
+                and self.activations in INT8_ACTIVATIONS
+                and isinstance(count, int)
+                and not isinstance(count, bool)
+                and count > 0
+            )
+        else:
+            raise ValueError(f"quantization scheme={self.scheme!r}: expected one of {SCHEMES}")
+        if not valid:
+            raise ValueError(f"quantization {self.to_json()}: not what scheme {self.scheme!r} computes with")
+
+    def to_json(self) -> dict:
+        return {
+            "scheme": self.scheme,
+            "weights": self.weights,
+            "activations": self.activations,
+            "calibration_images": self.calibration_images,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Quantization":
+        if set(data) != set(cls.__dataclass_fields__):
+            raise ValueError(
+                f"quantization: expected keys {sorted(cls.__dataclass_fields__)}, got {sorted(data)}"
+            )
+        return cls(**data)
+
+
+NO_QUANTIZATION = Quantization("none")
+
+
 @dataclass(frozen=True)
 class ModelCard:
-    """Classes (index = label), the input spec and the normalisation of one model."""
+    """Classes (index = label), the input spec and the normalisation of one model; once exported,
+    its quantization (None before: the cards of the data and of the checkpoint)."""
 
     classes: tuple[str, ...]
     input: InputSpec
     normalization: Normalization
+    quantization: Quantization | None = None
 
     def __post_init__(self):
         classes = tuple(self.classes)
@@ -123,11 +181,14 @@ class ModelCard:
         object.__setattr__(self, "classes", classes)
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "classes": list(self.classes),
             "input": self.input.to_json(),
             "normalization": self.normalization.to_json(),
         }
+        if self.quantization is not None:
+            data["quantization"] = self.quantization.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelCard":
@@ -135,8 +196,10 @@ class ModelCard:
         ValueError, KeyError or TypeError if it is not one."""
         if not isinstance(data["classes"], list):
             raise TypeError(f"classes {data['classes']!r}: expected a list of names")
+        quantization = data.get("quantization")  # none in the data's card, nor in files exported before it
         return cls(
             tuple(data["classes"]),
             InputSpec.from_json(data["input"]),
             Normalization.from_json(data["normalization"]),
+            None if quantization is None else Quantization.from_json(quantization),
         )

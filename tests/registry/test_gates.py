@@ -29,6 +29,16 @@ CHAMPION = Evidence(
 CHALLENGER = replace(CHAMPION, sha256="b" * 64, metrics={**CHAMPION.metrics, "accuracy": 0.96})
 
 
+INT8 = {
+    "scheme": "int8",
+    "weights": "int8 per channel",
+    "activations": "uint8",
+    "calibration_images": 512,
+    "agreement": 0.999,
+    "min_agreement": 0.995,
+}
+
+
 def metrics(**changed) -> dict:
     return {**CHALLENGER.metrics, **changed}
 
@@ -71,6 +81,14 @@ CASES = [
     ("strict latency", {}, CHAMPION, ["promote=strict"], {"latency p99": True}),
     ("ONNX differs from torch", {"parity_max_abs_diff": 1e-3}, CHAMPION, [], {"ONNX parity": False}),
     ("ONNX predicts another class", {"parity_argmax_mismatches": 1}, CHAMPION, [], {"ONNX parity": False}),
+    ("int8, agreeing as the export required", {"quantization": INT8}, CHAMPION, [], {"quantization": True}),
+    (
+        "int8 below its agreement bound",
+        {"quantization": INT8 | {"agreement": 0.99}},
+        CHAMPION,
+        [],
+        {"quantization": False},
+    ),
     (
         "other classes",
         {"classes": ("0", "1", "x")},
@@ -113,10 +131,11 @@ def test_gates(change, champion, overrides, expected):
     results = {gate.name: gate.passed for gate in gates}
     metric_floor = f"{config.promote.metric} floor"
     assert list(results) == [
-        metric_floor, "improvement", "class recall drop", "latency p99", "ONNX parity",
+        metric_floor, "improvement", "class recall drop", "latency p99", "ONNX parity", "quantization",
         "same classes", "same input spec", "clean commit", "train/test duplicates",
     ]  # fmt: skip
-    assert results == {name: True for name in results} | expected
+    float32 = {"quantization": None}  # no int8 agreement to check
+    assert results == {name: True for name in results} | float32 | expected
     assert passed(gates) == (False not in expected.values())
 
 

@@ -61,6 +61,7 @@ def test_health_and_model_card(client, served_model):
     assert card["input"]["resize"] == "stretch"
     assert card["lineage"]["mlflow_run_id"] == "0123456789abcdef"
     assert card["registry"] is None
+    assert card["quantization"] == {"scheme": "none"}  # exported before the card said: float32
 
 
 def test_answers_equal_onnx_runtime_on_the_raw_test_split(client, digits_splits, reference_session):

@@ -169,6 +169,15 @@ class TrainConfig(Section):
     augment: AugmentConfig
 
 
+class ExportConfig(Section):
+    """What the export stage ships: the float32 graph, or its static int8 quantization
+    (imgclf.stages.quantize), refused unless it agrees with the float32 graph on the test split."""
+
+    quantize: Literal["none", "int8"]
+    calibration_images: PositiveInt  # a seeded sample of the training split sets the int8 scales
+    min_agreement: Annotated[float, Field(gt=0, le=1)]  # share of test images with the float32 argmax
+
+
 class EvaluateConfig(Section):
     latency_runs: PositiveInt
     throughput_batch: PositiveInt
@@ -198,6 +207,7 @@ class PipelineConfig(Section):
     model: ModelConfig
     trainer: TrainerConfig
     train: TrainConfig
+    export: ExportConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
     registry: RegistryConfig  # model_name: the name in the exported model's card

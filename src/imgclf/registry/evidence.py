@@ -9,12 +9,12 @@ import csv
 import hashlib
 import json
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from imgclf.card import ModelCard
+from imgclf.card import NO_QUANTIZATION, ModelCard
 from imgclf.data.watch import dvc_md5
 from imgclf.errors import ImgclfError
 from imgclf.fileio import read_json
@@ -116,6 +116,10 @@ class Evidence:
     parity_max_abs_diff: float
     parity_argmax_mismatches: int
     run_id: str
+    # The card's quantization; for int8, with the export's agreement gate (`int8` in model.json's
+    # export section, and the exact differences where this machine exported it). Versions
+    # registered before quantization existed are float32.
+    quantization: dict = field(default_factory=NO_QUANTIZATION.to_json)
 
     def to_tags(self) -> dict[str, str]:
         fields = asdict(self)
@@ -133,6 +137,8 @@ class Evidence:
         fields = {}
         for name, kind in cls.__annotations__.items():
             text = tags.get(TAG + name)
+            if text is None and cls.__dataclass_fields__[name].default_factory is not MISSING:
+                continue
             try:
                 fields[name] = text if kind is str else json.loads(text)
             except (TypeError, ValueError):
@@ -168,7 +174,28 @@ class Evidence:
             parity_max_abs_diff=float(parity),
             parity_argmax_mismatches=int(export["parity_argmax_mismatches"]),
             run_id=lineage.get("mlflow_run_id", ""),
+            quantization=_quantization(outputs, sidecar, card),
         )
+
+
+def _quantization(outputs: Outputs, sidecar: dict, card: ModelCard) -> dict:
+    """The card's quantization (float32 for a file exported before cards had one), and for int8
+    the export's agreement gate with this machine's exact differences where it made the file."""
+    record = (card.quantization or NO_QUANTIZATION).to_json()
+    gate = sidecar["export"].get("int8")
+    if record["scheme"] != "int8" or gate is None:
+        return record
+    local = outputs.local(outputs.parity)
+    differences = {k: local[f"int8_{k}"] for k in ("max_abs_diff", "mean_abs_diff") if f"int8_{k}" in local}
+    return record | {"agreement": gate["agreement"], "min_agreement": gate["min_agreement"]} | differences
+
+
+def quantization_line(quantization: dict) -> str:
+    """A version's quantization (Evidence.quantization) in one line: `int8, 99.97% agreement`."""
+    if quantization.get("scheme") != "int8":
+        return "none (float32)"
+    agreement = quantization.get("agreement")
+    return "int8" if agreement is None else f"int8, {agreement:.2%} agreement"
 
 
 def test_split_sha256(data_dir: Path) -> str:

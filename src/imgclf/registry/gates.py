@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 
 from imgclf.config.operations import Config
-from imgclf.registry.evidence import Evidence, input_line
+from imgclf.registry.evidence import Evidence, input_line, quantization_line
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ def evaluate_gates(config: Config, challenger: Evidence, champion: Evidence | No
             and challenger.parity_argmax_mismatches == 0,
         )
     )
+    gates.append(quantization_gate(challenger, champion))
     gates.append(
         Gate(
             "same classes",
@@ -120,6 +121,25 @@ def evaluate_gates(config: Config, challenger: Evidence, champion: Evidence | No
         )
     )
     return gates
+
+
+def quantization_gate(challenger: Evidence, champion: Evidence | None) -> Gate:
+    """How the file computes; an int8 one must have passed the export's agreement gate against
+    its float32 graph (it always has, unless its evidence was made otherwise). n/a for float32."""
+    quantization = challenger.quantization
+    shown = "" if champion is None else quantization_line(champion.quantization)
+    if quantization.get("scheme") != "int8":
+        return Gate("quantization", quantization_line(quantization), shown, "", None)
+    agreement, floor = quantization.get("agreement"), quantization.get("min_agreement")
+    if agreement is None or floor is None:
+        return Gate("quantization", "int8, agreement unknown", shown, "agreement with float32", False)
+    return Gate(
+        "quantization",
+        quantization_line(quantization),
+        shown,
+        f">= {floor:.2%} agreement with float32",
+        agreement >= floor,
+    )
 
 
 def passed(gates: list[Gate]) -> bool:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from imgclf.config.operations import Config
 from imgclf.registry.client import TAG, Registry
-from imgclf.registry.evidence import Evidence, input_line
+from imgclf.registry.evidence import Evidence, input_line, quantization_line
 from imgclf.registry.gates import Gate
 
 
@@ -44,10 +44,21 @@ def version_description(config: Config, sidecar: dict, evidence: Evidence) -> st
         f"| input | {input_line(evidence.input)} |\n"
         f"| ONNX parity | max abs diff {evidence.parity_max_abs_diff:.1e}, "
         f"{evidence.parity_argmax_mismatches} argmax mismatches |\n"
+        f"| quantization | {quantization_cell(evidence.quantization)} |\n"
         f"| code | `{evidence.commit[:12]}` ({state}) |\n"
         f"| data | normalized `{evidence.data_sha256[:12]}`, test split `{evidence.test_sha256[:12]}` |\n"
         f"| file | sha256 `{evidence.sha256[:16]}` |\n"
     )
+
+
+def quantization_cell(quantization: dict) -> str:
+    """The quantization with what the export's gate measured: agreement and |Δp| against float32."""
+    line = quantization_line(quantization)
+    if "max_abs_diff" in quantization:
+        line += f", |Δp| max {quantization['max_abs_diff']:.1e} mean {quantization['mean_abs_diff']:.1e}"
+    if quantization.get("scheme") == "int8":
+        line += f"; {quantization['calibration_images']} calibration images"
+    return line
 
 
 def gate_table(gates: list[Gate]) -> str:

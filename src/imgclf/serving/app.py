@@ -74,6 +74,7 @@ class ModelCard(BaseModel):
     classes: list[str]
     input: dict
     normalization: dict
+    quantization: dict  # {"scheme": "none"} (float32) or "int8" with how it was calibrated
     lineage: dict
     registry: dict | None
 

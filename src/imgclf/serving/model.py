@@ -99,6 +99,10 @@ class ServedModel:
             "classes": list(self.card.classes),
             "input": {"name": self.input_name, **self.card.input.to_json()},
             "normalization": self.card.normalization.to_json(),
+            # float32 for a file exported before the card said: the only kind there was then
+            "quantization": self.card.quantization.to_json()
+            if self.card.quantization
+            else {"scheme": "none"},
             "lineage": self.lineage,
             "registry": self.registry,
         }

@@ -6,6 +6,10 @@ from the training (the model card: classes, input spec, normalisation) go into t
 identical training gives an identical file; run-specific values (run id, commit, time) go into
 the sidecar JSON. The drift reference (imgclf.drift.reference: what the exported model does on
 the validation split) goes into the file too, under `imgclf.reference`, and into the sidecar.
+
+With `export.quantize: int8` the parity-checked float32 graph is quantized (imgclf.stages.quantize)
+and the int8 graph ships instead, gated on agreeing with the float32 one on the test split; the
+card says which one the file is, and the drift reference is the int8 model's.
 """
 
 import hashlib
@@ -13,7 +17,7 @@ import io
 import json
 import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +26,7 @@ import onnx
 import torch
 from torch import nn
 
-from imgclf.card import ModelCard
+from imgclf.card import NO_QUANTIZATION, ModelCard
 from imgclf.config.pipeline import PipelineConfig
 from imgclf.data.normalized import load_sizes, load_split
 from imgclf.drift.reference import METADATA_KEY as REFERENCE_METADATA
@@ -31,6 +35,7 @@ from imgclf.errors import ImgclfError
 from imgclf.fileio import atomic_path, write_json
 from imgclf.models import Checkpoint, load_checkpoint
 from imgclf.runtime import inference_session, predict_probabilities
+from imgclf.stages import quantize
 from imgclf.tracking import client as tracking
 from imgclf.tracking.local import file_sha256, read_record, write_record
 from imgclf.tracking.worker import Tracker
@@ -136,6 +141,37 @@ def drift_reference(
     return build_reference(images, predict_probabilities(session, images), split, sizes)
 
 
+def ship_int8(
+    config: PipelineConfig, proto: onnx.ModelProto, card: ModelCard, train: np.ndarray, test: np.ndarray
+) -> tuple[onnx.ModelProto, ModelCard, dict]:
+    """The int8 graph of the float32 `proto`, calibrated on a seeded sample of the `train` images,
+    with its card; and how it agrees with `proto` on the `test` images. AgreementError (the export
+    fails, nothing is written) if it picks the float32 graph's class less often than required."""
+    sample = quantize.calibration_sample(train, config.export.calibration_images, config.seed)
+    int8 = quantize.quantize_int8(proto, sample)
+    card = replace(card, quantization=quantize.int8_quantization(len(sample)))
+    int8.metadata_props.add(key=CARD_METADATA, value=json.dumps(card.to_json()))
+    onnx.checker.check_model(int8, full_check=True)
+    agreement = quantize.check_agreement(proto, int8, test)
+    quantize.gate_agreement(agreement, config.export.min_agreement)
+    return int8, card, agreement
+
+
+def int8_gate(config: PipelineConfig, figures: dict) -> dict:
+    """The sidecar's record of how an int8 graph was calibrated and gated ({} for float32). The
+    probability differences depend on the CPU's kernels: metrics/local/export.json has them."""
+    if config.export.quantize != "int8":
+        return {}
+    return {
+        "int8": {
+            "calibration": {"split": "train", "seed": config.seed, "method": "minmax"},
+            "min_agreement": config.export.min_agreement,
+            "agreement": figures["int8_agreement"],
+            "n": figures["int8_n"],
+        }
+    }
+
+
 @dataclass(frozen=True)
 class ExportPaths:
     """What the export stage reads and writes: its `cmd:` in dvc.yaml names each."""
@@ -152,7 +188,7 @@ class ExportPaths:
 
 class Exported(NamedTuple):
     sidecar: dict  # models/model.json
-    parity: dict  # the parity check's figures on this machine
+    parity: dict  # the parity check's figures on this machine, and the int8 agreement's (int8_*)
 
 
 def export(config: PipelineConfig, paths: ExportPaths, tracker: Tracker) -> Exported:
@@ -187,7 +223,7 @@ def export(config: PipelineConfig, paths: ExportPaths, tracker: Tracker) -> Expo
 
 
 def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, run: Future) -> Exported:
-    model, card = Probabilities(trained.net).eval(), trained.card
+    model, card = Probabilities(trained.net).eval(), replace(trained.card, quantization=NO_QUANTIZATION)
     test_images, _ = load_split(paths.data, "test")
     proto = to_onnx(model, torch.from_numpy(np.ascontiguousarray(test_images[:EXAMPLE_BATCH])), card)
     onnx.checker.check_model(proto, full_check=True)
@@ -198,6 +234,11 @@ def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, r
             f"{parity['parity_max_abs_diff']:.2e} (limit {PARITY_ATOL:.0e}), "
             f"{parity['parity_argmax_mismatches']} argmax mismatches"
         )
+    if config.export.quantize == "int8":
+        proto, card, agreement = ship_int8(
+            config, proto, card, load_split(paths.data, "train")[0], test_images
+        )
+        parity |= agreement
     reference = drift_reference(proto, load_split(paths.data, "val")[0], load_sizes(paths.data, "val"))
     proto.metadata_props.add(key=REFERENCE_METADATA, value=json.dumps(reference.to_json()))
     model_bytes = proto.SerializeToString()
@@ -215,6 +256,7 @@ def _export(config, paths: ExportPaths, tracker: Tracker, trained: Checkpoint, r
             "parity_atol": PARITY_ATOL,
             "parity_argmax_mismatches": parity["parity_argmax_mismatches"],
             "parity_n": parity["parity_n"],
+            **int8_gate(config, parity),
         },
         "reference": reference.to_json(),
         # What the same checkpoint and data always give; the run and the commit: models/run.json.
