@@ -5,12 +5,14 @@ BIN := $(VENV)/bin
 PIP_VERSION := 26.3
 PLOTS_PAGE := .dvc/plots/index.html
 VEGA := .dvc/plots/node_modules
+SWAGGER_NPM := src/imgclf/serving/swagger-ui
+SWAGGER_UI := src/imgclf/serving/static/swagger-ui
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install run test test-all lint format ui serve bench clean browser-deps server-deps server \
 	register gate challenger champion rollback metrics-diff team-server remote push pull reproduce
 
-install: $(VENV)/.installed $(PLOTS_PAGE)
+install: $(VENV)/.installed $(PLOTS_PAGE) $(SWAGGER_UI)/swagger-ui-bundle.js
 
 # torch first, pinned: pip then takes the CPU build; a range would pull a multi-GB CUDA build.
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -30,6 +32,16 @@ $(PLOTS_PAGE): .dvc/plots/package-lock.json
 	    printf '<script>\n'; cat $(VEGA)/$$f; printf '\n</script>\n'; done; \
 	  printf '<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n'; \
 	} > $@.tmp && mv $@.tmp $@
+
+# `imgclf serve`'s /docs loads Swagger UI from the server itself, not from a CDN: it works offline.
+# The pinned files ($(SWAGGER_NPM)/package-lock.json) are copied into the package's static folder.
+# --ignore-scripts: swagger-ui-dist's one dependency (@scarf/scarf) reports installs from a script.
+$(SWAGGER_UI)/swagger-ui-bundle.js: $(SWAGGER_NPM)/package-lock.json
+	npm ci --silent --no-audit --no-fund --ignore-scripts --prefix $(SWAGGER_NPM)
+	rm -rf $(SWAGGER_UI).tmp && mkdir -p $(SWAGGER_UI).tmp
+	cp $(addprefix $(SWAGGER_NPM)/node_modules/swagger-ui-dist/,swagger-ui-bundle.js swagger-ui.css \
+	  favicon-32x32.png LICENSE) $(SWAGGER_UI).tmp/
+	rm -rf $(SWAGGER_UI) && mv $(SWAGGER_UI).tmp $(SWAGGER_UI)
 
 run: install
 	imgclf params --check

@@ -123,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 <= refresh < float("inf"):
         raise ConfigError(f"--refresh {args.refresh}: expected seconds, a number >= 0 (0: never)")
     window = server.DEFAULT_MONITOR_WINDOW if args.monitor_window is None else args.monitor_window
+    webhook_secret = webhook_secret_of(args, args.model, refresh)
     options = server.ServeOptions(
         host=args.host,
         port=args.port,
@@ -134,8 +135,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
         refresh=refresh,
         monitor_window=window,
         **capture_options(args),
+        webhook_secret=webhook_secret,
     )
     server.serve(args.model, options)
+
+
+def webhook_secret_of(args: argparse.Namespace, model: str, refresh: float) -> str | None:
+    """--webhook-secret, else $IMGCLF_WEBHOOK_SECRET; the flag only where there is an alias to follow."""
+    from imgclf.serving.model import REGISTRY_URI
+    from imgclf.serving.webhook import SECRET_ENV
+
+    if args.webhook_secret is None:
+        return os.environ.get(SECRET_ENV) or None
+    match = REGISTRY_URI.fullmatch(model)
+    if not (match and match["alias"] and refresh > 0):
+        raise ConfigError(
+            "--webhook-secret: webhooks say when an alias moves; it needs --model models:/<name>@<alias> "
+            f"and --refresh > 0, got --model {model} --refresh {refresh:g}"
+        )
+    return args.webhook_secret or None
 
 
 def cmd_drift(args: argparse.Namespace) -> None:
@@ -400,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
         "version without a restart (default 30; 0: never); ignored for a file or models:/<name>/<version>",
     )
     serve.add_argument(
+        "--webhook-secret",
+        metavar="S",
+        help="following an alias: also swap as soon as the mlflow server posts an alias event signed "
+        "with S to /v1/webhooks/mlflow (`imgclf webhook register`; default: $IMGCLF_WEBHOOK_SECRET)",
+    )
+    serve.add_argument(
         "--monitor-window",
         type=non_negative_int,
         metavar="N",
@@ -450,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or *.jsonl manifests")
     drift.set_defaults(handler=cmd_drift)
     add_registry_commands(commands)
+    add_webhook_command(commands)
     add_sweep_command(commands)
     return parser
 
@@ -539,6 +564,74 @@ def add_registry_commands(commands) -> None:
     models.add_argument("--json", action="store_true", help="one JSON object per line")
     models.add_argument("--history", action="store_true", help="the alias moves, oldest first")
     models.set_defaults(handler=cmd_models)
+
+
+WEBHOOK_DESCRIPTION = """\
+The webhooks of the mlflow server (MLFLOW_TRACKING_URI, else params.yaml's tracking.uri) that
+post alias moves to `imgclf serve --webhook-secret`, which then swaps at once instead of at its
+next --refresh. The secret: $IMGCLF_WEBHOOK_SECRET (or --secret), the same value the server has.
+A URL has at most one webhook: registering it again updates it.
+
+examples:
+  imgclf webhook register --url https://serve.example.com/v1/webhooks/mlflow
+  imgclf webhook test --url https://serve.example.com/v1/webhooks/mlflow   a delivery, now
+  imgclf webhook list
+  imgclf webhook delete --url https://serve.example.com/v1/webhooks/mlflow"""
+
+
+def cmd_webhook(args: argparse.Namespace) -> None:
+    from imgclf.registry.webhooks import Webhooks
+    from imgclf.serving.webhook import SECRET_ENV
+
+    webhooks = Webhooks()
+    if args.action == "register":
+        secret = args.secret if args.secret is not None else os.environ.get(SECRET_ENV)
+        done = webhooks.register(args.url, secret, args.name)
+        what = "registered" if done.created else "updated"
+        print(f"{what} webhook {done.name} ({done.webhook_id}): alias moves -> {done.url}")
+    elif args.action == "list":
+        print_webhooks(webhooks, args.json)
+    elif args.action == "delete":
+        count = webhooks.delete(args.url)
+        print(f"deleted {count} webhook{'s' * (count != 1)} with the URL {args.url}")
+    else:
+        print(webhooks.test(args.url))
+
+
+def print_webhooks(webhooks, as_json: bool) -> None:
+    import json
+
+    rows = webhooks.rows()
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+    elif rows:
+        print_table(tuple(rows[0]), rows)
+    else:
+        print(f"no webhooks on {webhooks.store}")
+
+
+def add_webhook_command(commands) -> None:
+    webhook = commands.add_parser(
+        "webhook",
+        help="register the webhook that tells `imgclf serve` at once that an alias moved",
+        description=WEBHOOK_DESCRIPTION,
+        epilog="Exit codes: 0 done, 1 the server failed or did not answer, 2 usage or configuration error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = webhook.add_subparsers(dest="action", required=True, metavar="ACTION")
+    url_help = "where the mlflow server posts: imgclf serve's http(s)://HOST:PORT/v1/webhooks/mlflow"
+    register = actions.add_parser("register", help="create the webhook for URL, or update it")
+    register.add_argument("--url", required=True, help=url_help)
+    register.add_argument("--name", help="the webhook's name (default: imgclf-<host>-<port>)")
+    register.add_argument("--secret", help="default: $IMGCLF_WEBHOOK_SECRET (a flag shows in `ps`)")
+    listing = actions.add_parser("list", help="the server's webhooks")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    delete = actions.add_parser("delete", help="delete the webhook of URL")
+    delete.add_argument("--url", required=True, help=url_help)
+    test = actions.add_parser("test", help="have the server deliver an example alias event to URL now")
+    test.add_argument("--url", required=True, help=url_help)
+    webhook.set_defaults(handler=cmd_webhook)
 
 
 SWEEP_DESCRIPTION = """\

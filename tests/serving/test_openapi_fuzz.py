@@ -22,6 +22,15 @@ RUNS += [("POST /v1/predict", POSITIVE), ("POST /v1/predict", NEGATIVE)]
 LABELLING = ["GET /v1/captures", "GET /v1/captures/{sha256}", "POST /v1/feedback"]
 OPERATIONS += LABELLING
 RUNS += [(label, mode) for label in LABELLING for mode in (POSITIVE, NEGATIVE)]
+# The Open Inference Protocol (serving.v2). Its GETs take only path strings, which any string
+# satisfies: no invalid request exists for them.
+V2_GETS = ["GET /v2", "GET /v2/health/live", "GET /v2/health/ready"]
+V2_GETS += ["GET /v2/models/{name}", "GET /v2/models/{name}/ready"]
+V2_GETS += [label.replace("{name}", "{name}/versions/{version}") for label in V2_GETS[-2:]]
+V2_INFER = ["POST /v2/models/{name}/infer", "POST /v2/models/{name}/versions/{version}/infer"]
+OPERATIONS += V2_GETS + V2_INFER
+RUNS += [(label, POSITIVE) for label in V2_GETS]
+RUNS += [(label, mode) for label in V2_INFER for mode in (POSITIVE, NEGATIVE)]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@
 - scoring.py: the champion on the challenger's test split (downloaded and scored if need be).
 - report.py: the model and version cards, the gate tables, the rows of `imgclf models`.
 - flows.py: register, promote and rollback: slow work first, then a short critical section.
+- webhooks.py: `imgclf webhook`: the tracking server's alias webhooks that wake `imgclf serve`.
 
 Each module imports only those listed above it. The package may import: the base, config,
 tracking/, serving.registry_reader (client.py: reads without mlflow), and stages.evaluation (in

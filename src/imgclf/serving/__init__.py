@@ -9,5 +9,10 @@ __init__ imports nothing on purpose.
 - cache.py: registry versions downloaded once (imgclf's cache folder), verified by SHA-256.
 - model.py: a model as served, from an ONNX file or a registry URI.
 - predict.py: `imgclf predict`.
-- follow.py, limits.py, metrics.py, app.py, fastpath.py, server.py: `imgclf serve`.
+- follow.py: the served model, following a registry alias (polling, woken by webhook.py).
+- limits.py, metrics.py, monitoring.py, capture.py: the request guard, /metrics, the drift monitor,
+  the kept uploads.
+- app.py (/v1/*, the page, /docs), v2.py (the Open Inference Protocol V2 REST routes), webhook.py
+  (MLflow's signed alias webhooks), server.py: `imgclf serve`.
+- replay.py: `imgclf drift`.
 """

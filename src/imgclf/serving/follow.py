@@ -10,6 +10,10 @@ input differs from the served one's (`input_contract`). A refused version is rem
 loaded again (a registered version never changes, so it would fail again); the next different
 version the alias names is tried. A store that does not answer is logged once, until it answers
 again, and asked again at every interval.
+
+The registry can also say at once that the alias moved: a signed MLflow webhook
+(serving.webhook) calls `wake`, and the same thread polls at once instead of at the end of its
+interval. Polls stay on that one thread, so a delivery and the timer never swap at the same time.
 """
 
 import logging
@@ -45,27 +49,39 @@ class LiveModel:
         refresh: float = 0.0,
         threads: int = 1,
         max_pixels: int = MAX_PIXELS,
+        webhook_secret: str | None = None,
     ):
         self.model = model  # each request reads it once; only the poller assigns it
         self.registry = registry
         self.refresh = refresh
+        # MLflow signs its webhook deliveries with it (serving.webhook); None: polling only.
+        self.webhook_secret = webhook_secret or None
         self.threads, self.max_pixels = threads, max_pixels
         self.swaps = 0
         self.refused: dict[str, str] = {}  # version -> why; never loaded again
         self.poll_failures = 0
         self._store_error: str | None = None  # the last poll's failure, logged once
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set: poll now, without waiting for the interval's end
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def load(cls, uri: str, refresh: float, threads: int = 1, max_pixels: int = MAX_PIXELS) -> "LiveModel":
-        """Load MODEL (ModelError if it cannot be served); follow it if it is an alias and refresh > 0."""
+    def load(
+        cls,
+        uri: str,
+        refresh: float,
+        threads: int = 1,
+        max_pixels: int = MAX_PIXELS,
+        webhook_secret: str | None = None,
+    ) -> "LiveModel":
+        """Load MODEL (ModelError if it cannot be served); follow it if it is an alias and refresh > 0,
+        also woken by MLflow's webhooks when webhook_secret is set."""
         match = REGISTRY_URI.fullmatch(uri)
         if not (match and match["alias"] and refresh > 0):
             return cls(ServedModel.load(uri, threads, max_pixels))
         registry = Registry(uri)
         model = registry.load(registry.resolve(), threads, max_pixels)
-        return cls(model, registry, refresh, threads, max_pixels)
+        return cls(model, registry, refresh, threads, max_pixels, webhook_secret)
 
     @property
     def following(self) -> bool:
@@ -76,8 +92,21 @@ class LiveModel:
             self._thread = threading.Thread(target=self._run, name="imgclf-follow", daemon=True)
             self._thread.start()
 
+    def wake(self) -> bool:
+        """Poll now rather than at the end of the interval (the registry said the alias moved).
+
+        Only sets a flag: the poller thread does the poll, so a caller on the event loop never
+        waits for a download. A wake during a poll makes one more poll right after it, which
+        sees the newest move. False if nothing follows the alias (no thread to wake).
+        """
+        if self._thread is None:
+            return False
+        self._wake.set()
+        return True
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(STOP_WAIT_S)
             self._thread = None
@@ -90,7 +119,11 @@ class LiveModel:
         self.stop()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.refresh):
+        while True:
+            self._wake.wait(self.refresh)  # the interval's end, or a wake (a webhook, or stop)
+            if self._stop.is_set():
+                return
+            self._wake.clear()  # before the poll: a wake during it is not lost
             try:
                 self.poll()
             except Exception:  # a bug: log it with its traceback, but keep following

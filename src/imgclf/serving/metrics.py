@@ -7,12 +7,14 @@ are labelled by their template ("/v1/predict"), never by the raw path: a scanner
 URLs must not create a time series per URL.
 """
 
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgclf.serving.capture import Capture
@@ -151,6 +153,8 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
         self.paths = paths  # the app's route templates, for requests refused before routing
+        # Those with parameters ("/v2/models/{name}/infer") as Starlette matches them.
+        self.templates = [(compile_path(path)[0], path) for path in sorted(paths) if "{" in path]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -168,16 +172,20 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.responded(route_label(scope, self.paths), scope["method"], status, started)
+            label = route_label(scope, self.paths, self.templates)
+            self.metrics.responded(label, scope["method"], status, started)
 
 
-def route_label(scope: Scope, paths: frozenset[str]) -> str:
+def route_label(scope: Scope, paths: frozenset[str], templates: Sequence[tuple[re.Pattern, str]] = ()) -> str:
     """The matched route's template (FastAPI leaves the route in the shared scope), else "other"."""
     route = scope.get("route")
     if route is not None and hasattr(route, "path"):
         return route.path
-    if scope["path"] in paths:  # none has path parameters, so the path is the template
+    if scope["path"] in paths:  # a template without parameters is the path
         return scope["path"]
+    for pattern, template in templates:
+        if pattern.match(scope["path"]):
+            return template
     if scope["path"].startswith("/static/"):
         return "/static"
     return "other"

@@ -1,6 +1,6 @@
 """`imgclf serve`: load the model, then run the app under uvicorn (one process).
 
-One process: a small request to a fast model is classified on the event loop (serving.fastpath),
+One process: a small request to a fast model is classified on the event loop (serving.app),
 anything larger in the thread pool, where ONNX Runtime releases the GIL, so requests are
 classified in parallel on one shared session. One process also keeps /metrics and the model
 follower whole: workers would each count their own requests and poll the registry on their own
@@ -10,6 +10,7 @@ overhead.
 
 Served from an alias (`models:/<name>@<alias>`), the model follows it: a thread re-resolves the
 alias every `refresh` seconds and swaps in a new version (serving.follow); it stops with the server.
+With a webhook secret, MLflow's signed alias events wake it at once (serving.webhook).
 """
 
 import contextlib
@@ -22,6 +23,7 @@ from imgclf.serving.capture import DEFAULT_BELOW, DEFAULT_MAX_MB, Capture
 from imgclf.serving.follow import LiveModel
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES
 from imgclf.serving.monitoring import DEFAULT_WINDOW as DEFAULT_MONITOR_WINDOW
+from imgclf.serving.webhook import WEBHOOK_PATH
 
 DEFAULT_REFRESH_S = 30.0  # `imgclf serve --refresh` states it in its help: keep them equal
 
@@ -43,12 +45,19 @@ class ServeOptions:
     capture_below: float = DEFAULT_BELOW
     capture_sample: float = 0.0
     capture_max_bytes: int = int(DEFAULT_MAX_MB * 1024 * 1024)
+    webhook_secret: str | None = None  # following an alias: POST /v1/webhooks/mlflow, signed with it
 
 
 def serve(model_uri: str, options: ServeOptions = ServeOptions()) -> None:
     import uvicorn
 
-    live = LiveModel.load(model_uri, options.refresh, threads=options.threads, max_pixels=options.max_pixels)
+    live = LiveModel.load(
+        model_uri,
+        options.refresh,
+        threads=options.threads,
+        max_pixels=options.max_pixels,
+        webhook_secret=options.webhook_secret,
+    )
     capture = None
     if options.capture_dir is not None:
         capture = Capture(
@@ -61,10 +70,12 @@ def serve(model_uri: str, options: ServeOptions = ServeOptions()) -> None:
         capture=capture,
         monitor_window=options.monitor_window,
     )
-    auth = "bearer token required on /v1/*" if options.token else "no token"
+    auth = "bearer token required on /v1/* and /v2/* (not /v2/health/*)" if options.token else "no token"
     url = f"http://{options.host}:{options.port}/"
     model = live.model
     following = f", following {model_uri} every {options.refresh:g} s" if live.following else ""
+    if live.following and live.webhook_secret:
+        following += f" and on MLflow's webhooks at {url.rstrip('/')}{WEBHOOK_PATH}"
     print(f"imgclf: serving {model.name} version {model.version} on {url} ({auth}{following})", flush=True)
     # uvicorn's own logging, plus the swaps and refusals of serving.follow, in its format.
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
