@@ -4,8 +4,11 @@ MODEL is a path to an `.onnx` file (its sidecar `<stem>.json` beside it, when pr
 name and lineage) or a registry URI `models:/<name>@<alias>` / `models:/<name>/<version>`.
 Everything needed to use the file comes from its own metadata, written by the export stage, so
 nothing here is specific to a data set. One ONNX Runtime session is created and shared: its
-`run` is thread-safe and releases the GIL.
+`run` is thread-safe and releases the GIL. The registry's reader and cache are imported by the
+first `Registry`: a server of a local file never pays for them.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
@@ -15,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -24,10 +28,12 @@ from imgclf.card import ModelCard
 from imgclf.errors import ImgclfError
 from imgclf.images import MAX_PIXELS, SourceInfo, decode_image, decode_image_with_info
 from imgclf.runtime import inference_session
-from imgclf.serving.cache import CacheUnwritable, VersionCache
-from imgclf.serving.registry_reader import RegistryReadError, VersionRecord, registry_reader
 from imgclf.tracking.local import RUN_FILE, read_record
 from imgclf.tracking.store import StoreError, prepare_store, repo_root, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from imgclf.serving.cache import VersionCache
+    from imgclf.serving.registry_reader import VersionRecord
 
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))")
 CARD_METADATA = "imgclf.card"  # written by the export stage (imgclf.stages.export.CARD_METADATA)
@@ -65,7 +71,7 @@ class ServedModel:
     output_name: str
 
     @classmethod
-    def load(cls, model: str, threads: int = 0, max_pixels: int = MAX_PIXELS) -> "ServedModel":
+    def load(cls, model: str, threads: int = 0, max_pixels: int = MAX_PIXELS) -> ServedModel:
         """Load MODEL (a path or a models:/ URI); ModelError in one line if it cannot be served."""
         if model.startswith("models:/"):
             registry = Registry(model)
@@ -227,6 +233,9 @@ class Registry:
     """
 
     def __init__(self, uri: str, cache: VersionCache | None = None):
+        from imgclf.serving.cache import VersionCache
+        from imgclf.serving.registry_reader import registry_reader
+
         match = REGISTRY_URI.fullmatch(uri)
         if not match:
             raise ModelError(f"model {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
@@ -246,6 +255,8 @@ class Registry:
 
     def resolve(self) -> str:
         """The version the URI names now: one registry call; RegistryUnavailable if it fails."""
+        from imgclf.serving.registry_reader import RegistryReadError
+
         try:
             if self.alias:
                 record = self.reader.version_by_alias(self.name, self.alias)
@@ -259,6 +270,9 @@ class Registry:
     def load(self, version: str, threads: int, max_pixels: int) -> ServedModel:
         """Load `version`, from the cache or downloaded into it: RegistryUnavailable if the download
         fails, ModelError if the files are not a servable model."""
+        from imgclf.serving.cache import CacheUnwritable
+        from imgclf.serving.registry_reader import RegistryReadError
+
         fixed = f"models:/{self.name}/{version}"  # what errors name: the exact artifact
         where = f"model {fixed!r}"
         try:
@@ -279,6 +293,8 @@ class Registry:
     def _download(self, record: VersionRecord, work: Path) -> None:
         """The version's files into work/files, its run's model.json into work/sidecar.json; the
         ONNX file checked against the SHA-256 that `imgclf register` recorded, if it did."""
+        from imgclf.serving.registry_reader import RegistryReadError
+
         self.reader.download_version(record.name, record.version, work / "files")
         registered = record.tags.get(SHA256_TAG)
         if registered:
