@@ -29,6 +29,7 @@ QUIETING = {
     "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID",
     "PYTEST_CURRENT_TEST", "ORT_RUNNING_UNIT_TESTS",
     "ORT_DISABLE_TELEMETRY", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",
+    "MPLCONFIGDIR",  # set in this process by any earlier test that drew a plot (tracking.plots)
 }  # fmt: skip
 
 
