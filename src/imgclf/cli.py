@@ -163,7 +163,13 @@ def cmd_drift(args: argparse.Namespace) -> None:
 
 
 def capture_options(args: argparse.Namespace) -> dict:
-    """The ServeOptions of --capture*: one-line errors for values out of range."""
+    """The ServeOptions of --capture*: one-line errors for values out of range. Without --capture
+    nothing of serving.capture is imported."""
+    tuned = (args.capture_below, args.capture_max_mb, args.capture_sample or None)
+    if args.capture is None:
+        if any(value is not None for value in tuned):
+            raise ConfigError("--capture-below, --capture-sample and --capture-max-mb need --capture DIR")
+        return {"capture_dir": None}
     from imgclf.serving.capture import DEFAULT_BELOW, DEFAULT_MAX_MB
 
     below = DEFAULT_BELOW if args.capture_below is None else args.capture_below
@@ -172,9 +178,6 @@ def capture_options(args: argparse.Namespace) -> dict:
     if not 0 <= args.capture_sample <= 1:
         raise ConfigError(f"--capture-sample {args.capture_sample}: expected a fraction, 0 to 1")
     max_mb = DEFAULT_MAX_MB if args.capture_max_mb is None else args.capture_max_mb
-    tuned = (args.capture_below, args.capture_max_mb, args.capture_sample or None)
-    if args.capture is None and any(value is not None for value in tuned):
-        raise ConfigError("--capture-below, --capture-sample and --capture-max-mb need --capture DIR")
     return {
         "capture_dir": args.capture,
         "capture_below": below,

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Literal, NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, File, Header, HTTPException, Query, Request, Security, UploadFile
@@ -51,7 +51,6 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgclf.images import BadImage, image_size
-from imgclf.serving.capture import Capture, CaptureError
 from imgclf.serving.follow import LiveModel
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES, RequestGuard, is_raw_image, media_type
 from imgclf.serving.metrics import CaptureCollector, Metrics, MetricsMiddleware
@@ -60,6 +59,9 @@ from imgclf.serving.monitoring import DEFAULT_WINDOW, DriftCollector, ServingMon
 from imgclf.serving.predict import prediction
 from imgclf.serving.v2 import add_v2_routes
 from imgclf.serving.webhook import add_webhook_route
+
+if TYPE_CHECKING:  # imported by the server only with --capture DIR (off by default)
+    from imgclf.serving.capture import Capture
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_FILES = 64  # per request: each may decode up to max_pixels, so the work per request is bounded
@@ -179,7 +181,7 @@ def create_app(
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     decodes_at_once: int = DECODES_AT_ONCE,
-    capture: Capture | None = None,
+    capture: "Capture | None" = None,
     monitor_window: int = DEFAULT_WINDOW,
 ) -> ASGIApp:
     """The ASGI app: metrics around the request guard around the FastAPI routes.
@@ -295,7 +297,7 @@ def create_app(
         uploads = [Upload(u.filename or "", u.content_type or "", await u.read()) for u in file]
         return await answer(response, uploads, top_k)
 
-    def kept() -> Capture:
+    def kept() -> "Capture":
         if capture is None:
             raise HTTPException(404, "capture is off: start the server with `imgclf serve --capture DIR`")
         return capture
@@ -327,6 +329,8 @@ def create_app(
     )
     def captured_image(sha256: Annotated[str, PathParameter(pattern=SHA256_PATTERN)]) -> FileResponse:
         """A captured image's bytes as uploaded."""
+        from imgclf.serving.capture import CaptureError
+
         try:
             path, media_type = kept().image(sha256)
         except CaptureError as error:
@@ -351,6 +355,8 @@ def create_app(
     def feedback(body: Feedback) -> dict:
         """Give a captured image its true label: it moves to DIR/labelled/<label>/, for
         `data.extra_train`. Labelling it again moves it to the new label's folder."""
+        from imgclf.serving.capture import CaptureError
+
         target = kept()
         classes = live.model.card.classes
         if body.label not in classes:
@@ -473,7 +479,7 @@ class Classifier:
     metrics: Metrics
     max_pixels: int  # the server's setting: the same for every version
     decode_slots: threading.BoundedSemaphore
-    capture: Capture | None = None  # offered every classified upload; it keeps the ones it wants
+    capture: "Capture | None" = None  # offered every classified upload; it keeps the ones it wants
     monitor: ServingMonitor | None = None  # the drift monitor: every classified batch
 
     def check_types(self, uploads: list[Upload]) -> None:

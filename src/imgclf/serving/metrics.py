@@ -10,6 +10,7 @@ URLs must not create a time series per URL.
 import re
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -17,8 +18,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imgclf.serving.capture import Capture
 from imgclf.serving.follow import LiveModel
+
+if TYPE_CHECKING:
+    from imgclf.serving.capture import Capture
 
 # Latency buckets for a model that answers in about a millisecond, up to slow uploads.
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -113,7 +116,7 @@ class ServedModelCollector:
 class CaptureCollector:
     """`imgclf serve --capture DIR`: what was kept, dropped, evicted, labelled, and failed writes."""
 
-    def __init__(self, capture: Capture):
+    def __init__(self, capture: "Capture"):
         self.capture = capture
 
     def collect(self) -> Iterator[Metric]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 from imgclf.images import MAX_PIXELS
 from imgclf.serving.app import create_app
-from imgclf.serving.capture import DEFAULT_BELOW, DEFAULT_MAX_MB, Capture
 from imgclf.serving.follow import LiveModel
 from imgclf.serving.limits import DEFAULT_MAX_BODY_BYTES
 from imgclf.serving.monitoring import DEFAULT_WINDOW as DEFAULT_MONITOR_WINDOW
@@ -42,9 +41,9 @@ class ServeOptions:
     refresh: float = DEFAULT_REFRESH_S
     monitor_window: int = DEFAULT_MONITOR_WINDOW  # images per drift window; 0: off
     capture_dir: str | None = None  # None: nothing kept (users' images are theirs)
-    capture_below: float = DEFAULT_BELOW
+    capture_below: float | None = None  # None: serving.capture's default (imported only with a DIR)
     capture_sample: float = 0.0
-    capture_max_bytes: int = int(DEFAULT_MAX_MB * 1024 * 1024)
+    capture_max_bytes: int | None = None  # None: serving.capture's default
     webhook_secret: str | None = None  # following an alias: POST /v1/webhooks/mlflow, signed with it
 
 
@@ -60,8 +59,13 @@ def serve(model_uri: str, options: ServeOptions = ServeOptions()) -> None:
     )
     capture = None
     if options.capture_dir is not None:
+        from imgclf.serving.capture import Capture
+
+        tuned = {"below": options.capture_below, "max_bytes": options.capture_max_bytes}
         capture = Capture(
-            options.capture_dir, options.capture_below, options.capture_sample, options.capture_max_bytes
+            options.capture_dir,
+            sample=options.capture_sample,
+            **{name: value for name, value in tuned.items() if value is not None},
         )
     app = create_app(
         live,
@@ -82,9 +86,9 @@ def serve(model_uri: str, options: ServeOptions = ServeOptions()) -> None:
     log_config["loggers"]["imgclf.serving"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     if capture is not None:
         print(
-            f"imgclf: keeping uploads below {options.capture_below:g} top-1 probability"
-            f" (and a {options.capture_sample:g} sample) in {capture.root}, at most "
-            f"{options.capture_max_bytes / 1024**2:g} MiB",
+            f"imgclf: keeping uploads below {capture.below:g} top-1 probability"
+            f" (and a {capture.sample:g} sample) in {capture.root}, at most "
+            f"{capture.max_bytes / 1024**2:g} MiB",
             flush=True,
         )
     # the poller runs while uvicorn does, and stops when it returns; the capture writer drains
