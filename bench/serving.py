@@ -14,12 +14,14 @@ digits in a committed temporary copy of the work tree.
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,20 @@ def pipeline_model(copy: Path) -> Path:
     run(["imgclf", "params"], copy, env)
     run(["dvc", "repro"], copy, env)
     return copy / "models" / "model.onnx"
+
+
+@contextlib.contextmanager
+def pipeline_copy(copy: Path | None) -> Iterator[Path]:
+    """`copy`, a folder where the pipeline already ran, else a fresh copy of the work tree where
+    `dvc repro` runs now (removed afterwards)."""
+    if copy:
+        if not (copy / "models" / "model.onnx").is_file():
+            raise BenchError(f"--copy {copy}: no models/model.onnx (run `dvc repro` there)")
+        yield copy.resolve()
+        return
+    with repo_copy() as fresh:
+        pipeline_model(fresh)
+        yield fresh
 
 
 def measure(model: Path, args: argparse.Namespace) -> tuple[list[dict], dict]:

@@ -17,11 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import BenchError, main_guard, row, write_result
-from serving import image_png, pipeline_model
+from common import main_guard, row, write_result
+from serving import image_png, pipeline_copy
 from serving_peers import load
 
-from tests.support.repo import pipeline_env, repo_copy
+from tests.support.repo import pipeline_env
 from tests.support.servers import free_port, server_group
 
 RATIO_TARGET = 0.95
@@ -82,15 +82,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="rounds over the two servers (medians)")
     args = parser.parse_args()
     details = {"args": {k: str(v) for k, v in vars(args).items()}}
-    with tempfile.TemporaryDirectory(prefix="imgclf-bench-monitor-") as tmp:
-        if args.copy:
-            if not (args.copy / "models" / "model.onnx").is_file():
-                raise BenchError(f"--copy {args.copy}: no models/model.onnx (run `dvc repro` there)")
-            rows, measured = measure(args.copy.resolve(), args, Path(tmp))
-        else:
-            with repo_copy() as copy:
-                pipeline_model(copy)
-                rows, measured = measure(copy, args, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="imgclf-bench-monitor-") as tmp, pipeline_copy(args.copy) as copy:
+        rows, measured = measure(copy, args, Path(tmp))
     write_result("serving_monitor", rows, details | measured)
 
 

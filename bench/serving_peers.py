@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 from common import BenchError, main_guard, row, write_result
-from serving import image_png, pipeline_model
+from serving import image_png, pipeline_copy
 
-from tests.support.repo import pipeline_env, repo_copy
+from tests.support.repo import pipeline_env
 from tests.support.servers import free_port, server_group
 
 MLFLOW_RATIO_TARGET = 2.0  # imgclf serve's requests/s with a raw body over mlflow models serve's
@@ -339,15 +339,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the six targets (medians)")
     args = parser.parse_args()
     details = {"args": {k: str(v) for k, v in vars(args).items()}, "load_generator": "http.client processes"}
-    with tempfile.TemporaryDirectory(prefix="imgclf-bench-peers-") as tmp:
-        if args.copy:
-            if not (args.copy / "models" / "model.onnx").is_file():
-                raise BenchError(f"--copy {args.copy}: no models/model.onnx (run `dvc repro` there)")
-            rows, measured = measure(args.copy.resolve(), args, Path(tmp))
-        else:
-            with repo_copy() as copy:
-                pipeline_model(copy)
-                rows, measured = measure(copy, args, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="imgclf-bench-peers-") as tmp, pipeline_copy(args.copy) as copy:
+        rows, measured = measure(copy, args, Path(tmp))
     write_result("serving_peers", rows, details | measured)
 
 

@@ -85,18 +85,15 @@ def train_mlp(images: np.ndarray, labels: np.ndarray, seed: int):
     return Probabilities(net).eval(), card
 
 
-def build_store(folder: Path, images: np.ndarray, labels: np.ndarray) -> str:
-    """A sqlite store with versions 1 and 2 of NAME and `champion` on 1; its URI."""
+def register_versions(store: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Versions 1 and 2 of NAME in `store`'s registry (two seeds of the MLP), `champion` on 1."""
     import mlflow
     import mlflow.onnx
     import torch
     from mlflow import MlflowClient
 
     from imgclf.stages.export import to_onnx
-    from imgclf.tracking.store import prepare_store
 
-    store = f"sqlite:///{folder / 'mlflow.db'}"
-    prepare_store(store)
     mlflow.set_tracking_uri(store)
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     client.create_registered_model(NAME)
@@ -109,6 +106,15 @@ def build_store(folder: Path, images: np.ndarray, labels: np.ndarray) -> str:
             NAME, source=f"models:/{info.model_id}", run_id=run.info.run_id, model_id=info.model_id
         )
     client.set_registered_model_alias(NAME, "champion", "1")
+
+
+def build_store(folder: Path, images: np.ndarray, labels: np.ndarray) -> str:
+    """A sqlite store with versions 1 and 2 of NAME and `champion` on 1; its URI."""
+    from imgclf.tracking.store import prepare_store
+
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    prepare_store(store)
+    register_versions(store, images, labels)
     return store
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, BenchError, main_guard, row, write_result
-from serving_swap import NAME, digits, multipart, png, start_server, train_mlp
+from serving_swap import NAME, digits, multipart, png, register_versions, start_server
 
 from tests.support.repo import VENV_BIN
 from tests.support.servers import free_port, mlflow_server
@@ -39,29 +39,6 @@ SERVER_ENV = {
     "MLFLOW_WEBHOOK_CACHE_TTL": "1",
 }
 ANSWER_DEADLINE_S = 30.0
-
-
-def register_versions(store: str, images, labels) -> None:
-    """Versions 1 and 2 of NAME in the server's registry, `champion` on 1."""
-    import mlflow
-    import mlflow.onnx
-    import torch
-    from mlflow import MlflowClient
-
-    from imgclf.stages.export import to_onnx
-
-    mlflow.set_tracking_uri(store)
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
-    client.create_registered_model(NAME)
-    for seed in (0, 1):
-        model, card = train_mlp(images, labels, seed)
-        proto = to_onnx(model, torch.from_numpy(images[:2]), card)
-        with mlflow.start_run(experiment_id="0") as run:
-            info = mlflow.onnx.log_model(proto, name="model", save_as_external_data=False)
-        client.create_model_version(
-            NAME, source=f"models:/{info.model_id}", run_id=run.info.run_id, model_id=info.model_id
-        )
-    client.set_registered_model_alias(NAME, "champion", "1")
 
 
 def register_webhook(store: str, url: str, folder: Path) -> str:
